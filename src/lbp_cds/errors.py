@@ -1,0 +1,144 @@
+"""The exceptions of lbp-cds, and how each one reaches the caller.
+
+Every error a request can meet is a ``CdsError``; each knows its HTTP status and renders as a
+FHIR ``OperationOutcome`` whose issues name the offending field. Nothing else reaches the caller:
+an unexpected exception becomes a 500 OperationOutcome without internals.
+
+::
+
+    CdsError                         (500)
+     +-- RequestError                (400) malformed JSON, schema violations, wrong hook
+     |    +-- JsonTooDeep            (400) nesting deeper than allowed
+     +-- AuthenticationError         (401) any JWT failure; rendered without detail
+     +-- ServiceNotFound             (404) unknown service id
+     +-- PayloadTooLarge             (413) body larger than allowed
+     +-- UnsupportedMediaType        (415) not application/json
+     +-- PreconditionFailed          (412) required FHIR data could not be obtained
+     +-- UnprocessableFeedback       (422) feedback well-formed but about nothing we issued
+
+    KnowledgeError                   not an HTTP error: the knowledge pack is inconsistent; the
+                                     service refuses to start and says where.
+    ConfigError                      a setting is invalid; the service refuses to start.
+
+Catch ``CdsError`` at the HTTP boundary only (``api.py``); below it, raise the most specific class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem, located.
+
+    Args:
+        location: where the problem is, as a dotted path into the request (``context.patientId``)
+            or a prefetch key; empty when it concerns the whole body.
+        message: what is wrong, in words an integrator can act on.
+        code: the FHIR ``issue-type`` code (``invalid``, ``required``, ``not-found`` ...).
+    """
+
+    location: str
+    message: str
+    code: str = "invalid"
+
+    def as_fhir(self, severity: str = "error") -> dict[str, Any]:
+        """Return the issue as an ``OperationOutcome.issue`` element."""
+        issue: dict[str, Any] = {
+            "severity": severity,
+            "code": self.code,
+            "diagnostics": self.message,
+        }
+        if self.location:
+            issue["expression"] = [self.location]
+        return issue
+
+
+class CdsError(Exception):
+    """Base of every error that reaches an HTTP caller."""
+
+    status = 500
+    default_code = "exception"
+
+    def __init__(self, message: str, issues: list[Issue] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.issues = issues or [Issue("", message, self.default_code)]
+
+    def operation_outcome(self) -> dict[str, Any]:
+        """Render the error as a FHIR R4 OperationOutcome."""
+        return {
+            "resourceType": "OperationOutcome",
+            "issue": [issue.as_fhir() for issue in self.issues],
+        }
+
+
+class RequestError(CdsError):
+    """The request body is not a valid CDS Hooks request for this service (400)."""
+
+    status = 400
+    default_code = "invalid"
+
+
+class JsonTooDeep(RequestError):
+    """The JSON nests deeper than the configured limit (400)."""
+
+    default_code = "too-costly"
+
+
+class AuthenticationError(CdsError):
+    """The caller could not be authenticated (401). Rendered without detail on purpose."""
+
+    status = 401
+    default_code = "login"
+
+    def operation_outcome(self) -> dict[str, Any]:
+        return {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": "login", "diagnostics": "Unauthorized"}],
+        }
+
+
+class ServiceNotFound(CdsError):
+    """No CDS service with that id (404)."""
+
+    status = 404
+    default_code = "not-found"
+
+
+class PayloadTooLarge(CdsError):
+    """The body exceeds the configured size (413)."""
+
+    status = 413
+    default_code = "too-costly"
+
+
+class UnsupportedMediaType(CdsError):
+    """The body is not ``application/json`` (415)."""
+
+    status = 415
+    default_code = "not-supported"
+
+
+class PreconditionFailed(CdsError):
+    """Data the service needs is neither prefetched nor obtainable from the FHIR server (412)."""
+
+    status = 412
+    default_code = "not-found"
+
+
+class UnprocessableFeedback(CdsError):
+    """Feedback that is valid JSON of the right shape but cannot be accepted (422)."""
+
+    status = 422
+    default_code = "processing"
+
+
+class KnowledgeError(Exception):
+    """The knowledge pack in ``cds_services/`` is inconsistent; the message says where."""
+
+
+class ConfigError(Exception):
+    """A setting has an invalid value; the message names the environment variable."""
