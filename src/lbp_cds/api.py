@@ -1,0 +1,351 @@
+"""The HTTP surface: discovery, service calls, feedback, health, metrics. No logic of its own.
+
+Each handler reads the request, calls the modules that do the work, and writes the answer;
+errors are ``CdsError``s rendered as OperationOutcomes by ``errors_to_outcome``.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
+from werkzeug.exceptions import HTTPException
+
+from lbp_cds import cards, hooks, observability
+from lbp_cds.auth import JwtVerifier
+from lbp_cds.config import Settings
+from lbp_cds.errors import (
+    AuthenticationError,
+    CdsError,
+    Issue,
+    PayloadTooLarge,
+    PreconditionFailed,
+    RequestError,
+    ServiceNotFound,
+    UnprocessableFeedback,
+    UnsupportedMediaType,
+)
+from lbp_cds.fhir_data import FetchPolicy, FhirFetcher, PatientRecord, load_record
+from lbp_cds.knowledge import Knowledge, Service
+from lbp_cds.rules import RuleEngine
+from lbp_cds.store import Store
+
+log = logging.getLogger(__name__)
+bp = Blueprint("cds", __name__)
+JSON_TYPES = ("application/json", "application/fhir+json")
+
+
+@dataclass
+class Runtime:
+    """Everything a request handler needs, built once by ``create_app``."""
+
+    settings: Settings
+    knowledge: Knowledge
+    engine: RuleEngine
+    store: Store
+    verifier: JwtVerifier | None
+    fetcher: FhirFetcher | None
+    policy: FetchPolicy
+    clock: Callable[[], datetime]
+
+
+def runtime() -> Runtime:
+    """The runtime of the current app."""
+    rt: Runtime = current_app.extensions["lbp_cds"]
+    return rt
+
+
+def json_response(doc: Any, status: int = 200, content_type: str = "application/json"
+                  ) -> Response:
+    """A JSON response serialized with orjson."""
+    return Response(orjson.dumps(doc), status=status, content_type=content_type)
+
+
+# -- request plumbing -------------------------------------------------------------------------
+@bp.before_app_request
+def _start() -> None:
+    g.started = time.perf_counter()
+    incoming = request.headers.get("X-Request-Id", "")
+    rid = incoming if incoming and len(incoming) <= 64 and incoming.isprintable() else \
+        uuid.uuid4().hex
+    g.request_id = rid
+    observability.request_id_var.set(rid)
+    observability.hook_instance_var.set("")
+
+
+@bp.after_app_request
+def _finish(response: Response) -> Response:
+    response.headers["X-Request-Id"] = g.get("request_id", "")
+    response.headers.setdefault("Cache-Control", "no-store")
+    endpoint = request.endpoint or "unknown"
+    service, hook = g.get("service_id", ""), g.get("hook", "")
+    elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+    observability.REQUESTS.labels(endpoint, service, hook, str(response.status_code)).inc()
+    observability.LATENCY.labels(endpoint, service, hook).observe(elapsed)
+    log.info("request", extra={"method": request.method, "path": _safe_path(),
+                               "status": response.status_code,
+                               "ms": round(elapsed * 1000, 2)})
+    return response
+
+
+def _safe_path() -> str:
+    # Paths are ours (service ids); query strings are not logged.
+    return request.path[:200]
+
+
+def authenticate() -> None:
+    """Verify the client's JWT unless running in dev mode.
+
+    Raises:
+        AuthenticationError: any failure (the answer is a bare 401).
+    """
+    rt = runtime()
+    if rt.verifier is None:
+        return
+    base = rt.settings.public_base_url.rstrip("/") or request.host_url.rstrip("/")
+    audience = base + request.path
+    try:
+        g.claims = rt.verifier.verify(request.headers.get("Authorization"), audience)
+    except AuthenticationError as exc:
+        observability.AUTH_FAILURES.labels(request.endpoint or "unknown").inc()
+        log.warning("client authentication failed", extra={"reason": exc.message})
+        raise
+
+
+def read_json_body() -> Any:
+    """The request body as JSON, within the size, type and depth limits.
+
+    Raises:
+        UnsupportedMediaType: not JSON.
+        PayloadTooLarge: over the size limit.
+        RequestError: not valid JSON, or nested too deep.
+    """
+    settings = runtime().settings
+    mimetype = (request.mimetype or "").lower()
+    if mimetype not in JSON_TYPES:
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, got {request.mimetype or 'none'}",
+            [Issue("Content-Type", "send the body as application/json", "not-supported")])
+    length = request.content_length
+    if length is not None and length > settings.max_body_bytes:
+        raise PayloadTooLarge(f"body of {length} bytes exceeds {settings.max_body_bytes}")
+    body = request.stream.read(settings.max_body_bytes + 1)
+    if len(body) > settings.max_body_bytes:
+        raise PayloadTooLarge(f"body exceeds {settings.max_body_bytes} bytes")
+    return hooks.parse_json(body, settings.max_json_depth)
+
+
+# -- endpoints ----------------------------------------------------------------------------------
+@bp.get("/cds-services")
+def discovery() -> Response:
+    """CDS Hooks discovery: every service of the knowledge pack."""
+    authenticate()
+    return json_response({"services": [s.discovery() for s in runtime().knowledge.services]})
+
+
+@bp.post("/cds-services/<service_id>")
+def call_service(service_id: str) -> Response:
+    """A hook call: validate, gather the record, evaluate the rules, answer with cards."""
+    rt = runtime()
+    services = rt.knowledge.services_with_id(service_id)
+    if not services:
+        raise ServiceNotFound(f"no CDS service {service_id!r}",
+                              [Issue("id", f"no CDS service {service_id!r}", "not-found")])
+    g.service_id = service_id
+    authenticate()
+    req = hooks.parse_request(read_json_body())
+    g.hook = req.hook
+    observability.hook_instance_var.set(req.hook_instance)
+    service = next((s for s in services if s.hook == req.hook), None)
+    if service is None:
+        served = ", ".join(s.hook for s in services)
+        raise RequestError(f"service {service_id} does not serve hook {req.hook}", [Issue(
+            "hook", f"service {service_id} serves {served}, not {req.hook}", "not-supported")])
+    try:
+        record = load_record(req, service, rt.fetcher, rt.policy)
+    except PreconditionFailed:
+        observability.PRECONDITION_FAILED.labels(service_id).inc()
+        raise
+    _observe_fetch(record)
+    issued = evaluate(rt, service, req, record, rt.clock())
+    rt.store.record_issued(service.id, req.hook_instance, issued)
+    for c in issued:
+        observability.CARDS.labels(service.id, c.rule_id, c.indicator).inc()
+    log.info("cards issued", extra={"service": service.id, "hook": req.hook,
+                                    "rules": [c.rule_id for c in issued],
+                                    "resources": record.total,
+                                    "unparsable": sum(record.parse_failures.values())})
+    return json_response({"cards": [c.card for c in issued]})
+
+
+def judged_orders(req: hooks.HookRequest, record: PatientRecord) -> list[Any]:
+    """The draft orders this call judges: the selected ones at order-select, all at order-sign."""
+    orders = record.draft_orders()
+    if req.hook == "order-select":
+        selected = set(req.selections)
+        return [o for o in orders if f"{o.get_resource_type()}/{o.id}" in selected]
+    return orders
+
+
+def evaluate(rt: Runtime, service: Service, req: hooks.HookRequest, record: PatientRecord,
+             now: datetime) -> list[cards.IssuedCard]:
+    """Evaluate the service's rules and render the cards (shared by the API and the CLI)."""
+    orders = judged_orders(req, record)
+    matches = rt.engine.evaluate(service, record, now, orders)
+    raw_by_id = {str(r.get("id")): r for r in req.draft_orders if isinstance(r, dict)}
+    checked = any(s.state != "unavailable" for s in record.statuses) or not record.statuses
+    base = rt.settings.public_base_url or (request.host_url if has_request_context() else "")
+    cc = cards.CardContext(
+        patient_id=req.patient_id or "", now=now, encounter_id=req.encounter_id,
+        user_id=req.user_id, base_url=base, record_checked=checked,
+        draft_raw=raw_by_id.get,
+    )
+    for rtype, n in record.parse_failures.items():
+        observability.PARSE_FAILURES.labels(rtype).inc(n)
+    return cards.render(matches, rt.knowledge, cc)
+
+
+def _observe_fetch(record: PatientRecord) -> None:
+    for status in record.statuses:
+        if status.state == "fetched":
+            observability.FHIR_FETCH.labels(status.key, "ok").observe(status.seconds)
+        elif status.state == "unavailable" and status.seconds:
+            observability.FHIR_FETCH.labels(status.key, "failed").observe(status.seconds)
+            observability.FHIR_FAILURES.labels(status.key).inc()
+        if status.state == "unavailable":
+            log.warning("prefetch key unavailable", extra={"key": status.key,
+                                                           "reason": status.reason})
+
+
+@bp.post("/cds-services/<service_id>/feedback")
+def post_feedback(service_id: str) -> Response:
+    """Feedback on issued cards, stored idempotently."""
+    rt = runtime()
+    if not rt.knowledge.services_with_id(service_id):
+        raise ServiceNotFound(f"no CDS service {service_id!r}",
+                              [Issue("id", f"no CDS service {service_id!r}", "not-found")])
+    g.service_id = service_id
+    authenticate()
+    items = hooks.parse_feedback(read_json_body())
+    problems = []
+    for pos, item in enumerate(items):
+        stored = rt.store.card(item.card)
+        where = f"feedback[{pos}]"
+        if stored is None:
+            problems.append(Issue(f"{where}.card", f"card {item.card} was not issued by this "
+                                  "service", "not-found"))
+            continue
+        if stored.service_id != service_id:
+            problems.append(Issue(f"{where}.card", f"card {item.card} was issued by service "
+                                  f"{stored.service_id}, not {service_id}", "business-rule"))
+        unknown = [s for s in item.accepted_suggestions if s not in stored.suggestion_uuids]
+        if unknown:
+            problems.append(Issue(f"{where}.acceptedSuggestions", "suggestions not on that card: "
+                                  + ", ".join(unknown), "business-rule"))
+    if problems:
+        raise UnprocessableFeedback("feedback refers to cards or suggestions we did not issue",
+                                    problems)
+    new, duplicates = rt.store.record_feedback(items)
+    for item in items:
+        observability.FEEDBACK.labels(item.outcome).inc()
+    log.info("feedback stored", extra={"service": service_id, "stored": new,
+                                       "duplicates": duplicates})
+    return json_response({"received": len(items), "stored": new, "duplicates": duplicates})
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """Liveness: the process answers."""
+    return json_response({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    """Readiness: knowledge loaded and the store reachable."""
+    rt = runtime()
+    checks = {"knowledge": bool(rt.knowledge.rules), "store": rt.store.ping()}
+    ok = all(checks.values())
+    return json_response({"status": "ready" if ok else "not ready", "checks": checks},
+                         200 if ok else 503)
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus metrics."""
+    payload, content_type = observability.metrics_payload()
+    return Response(payload, content_type=content_type)
+
+
+@bp.get("/questionnaires/lbp-intake")
+def questionnaire() -> Response:
+    """The red-flag intake Questionnaire (FHIR JSON; HTML for a browser)."""
+    q = runtime().knowledge.questionnaire
+    if request.accept_mimetypes.best_match(["application/fhir+json", "application/json",
+                                             "text/html"]) == "text/html":
+        return Response(_questionnaire_html(q), content_type="text/html; charset=utf-8")
+    return json_response(q, content_type="application/fhir+json")
+
+
+def _questionnaire_html(q: dict[str, Any]) -> str:
+    def items(nodes: list[dict[str, Any]]) -> str:
+        out = []
+        for item in nodes:
+            options = ", ".join(
+                html.escape(str((o.get("valueCoding") or {}).get("display")
+                                or (o.get("valueCoding") or {}).get("code") or ""))
+                for o in item.get("answerOption", []))
+            out.append(f"<li><code>{html.escape(item.get('linkId', ''))}</code> "
+                       f"{html.escape(item.get('text', ''))}"
+                       + (f" <em>({options})</em>" if options else "")
+                       + (f"<ul>{items(item['item'])}</ul>" if item.get("item") else "")
+                       + "</li>")
+        return "".join(out)
+
+    title = html.escape(str(q.get("title", "Intake")))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
+            f"<body><h1>{title}</h1><ul>{items(q.get('item', []))}</ul></body></html>")
+
+
+# -- errors -------------------------------------------------------------------------------------
+def errors_to_outcome(app: Flask) -> None:
+    """Render every error as a FHIR OperationOutcome with the right status; never a trace."""
+
+    @app.errorhandler(CdsError)
+    def _cds(exc: CdsError) -> Response:
+        if not isinstance(exc, AuthenticationError):
+            log.info("request refused", extra={"status": exc.status, "error": exc.message})
+        return json_response(exc.operation_outcome(), exc.status, "application/fhir+json")
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code = {404: "not-found", 405: "not-supported", 413: "too-costly"}.get(status,
+                                                                                "processing")
+        outcome = {"resourceType": "OperationOutcome", "issue": [{
+            "severity": "error", "code": code,
+            "diagnostics": f"{status} {exc.name}: {exc.description}"}]}
+        response = json_response(outcome, status, "application/fhir+json")
+        if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]
+            response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.error("unexpected error", exc_info=exc)
+        outcome = {"resourceType": "OperationOutcome", "issue": [{
+            "severity": "fatal", "code": "exception",
+            "diagnostics": f"internal error; quote request id {g.get('request_id', '')}"}]}
+        return json_response(outcome, 500, "application/fhir+json")
+
+
+def now_utc() -> datetime:
+    """The real clock."""
+    return datetime.now(timezone.utc)

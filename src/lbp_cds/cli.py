@@ -1,0 +1,287 @@
+"""``lbp-cds``: serve, evaluate offline, check the knowledge, report feedback, load fixtures, probe.
+
+Imports of the application happen inside the commands: ``serve`` must set up Prometheus'
+multiprocess directory before the metrics module is first imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lbp-cds`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI reports, it does not trace
+        from lbp_cds.errors import CdsError, ConfigError, KnowledgeError
+
+        if isinstance(exc, ConfigError | KnowledgeError):
+            print(f"lbp-cds: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, CdsError):
+            print(f"lbp-cds: {exc.status} {exc.message}", file=sys.stderr)
+            for issue in exc.issues:
+                print(f"  - {issue.location or '(body)'}: {issue.message}", file=sys.stderr)
+            return 1
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    p = argparse.ArgumentParser(prog="lbp-cds", description=__doc__)
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the service under gunicorn")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1; LBP_CDS_HOST)")
+    s.add_argument("--port", type=int, help="port (default 8080; LBP_CDS_PORT)")
+    s.add_argument("--workers", type=int, help="worker processes (default 2; LBP_CDS_WORKERS)")
+    s.add_argument("--threads", type=int, help="threads per worker (default 4; LBP_CDS_THREADS)")
+    s.add_argument("--clients", help="trusted CDS clients YAML (LBP_CDS_CLIENTS_FILE)")
+    s.add_argument("--dev", action="store_true",
+                   help="NO client authentication (local development only)")
+    s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("evaluate", help="evaluate a hook request or a patient Bundle offline")
+    e.add_argument("file", type=Path, help="hook request JSON, or a FHIR Bundle with --hook")
+    e.add_argument("--hook", choices=["patient-view", "order-select", "order-sign"],
+                   help="the hook to simulate when FILE is a Bundle")
+    e.add_argument("--service", help="service id (default: the one serving the hook)")
+    e.add_argument("--now", help="the clock, ISO 8601 (default: now)")
+    e.add_argument("--json", action="store_true", help="print the CDS Hooks response JSON")
+    e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("check-knowledge", help="load and cross-check the knowledge pack")
+    c.add_argument("--knowledge-dir", type=Path, help="pack folder (default: bundled)")
+    c.set_defaults(func=cmd_check_knowledge)
+
+    f = sub.add_parser("feedback-report", help="acceptance and override rates per rule")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=cmd_feedback_report)
+
+    fx = sub.add_parser("fixtures", help="fixture patients")
+    fxs = fx.add_subparsers(metavar="ACTION")
+    fl = fxs.add_parser("load", help="load the fixture patients into a FHIR server")
+    fl.add_argument("--fhir-server", required=True, help="FHIR R4 base URL")
+    fl.add_argument("--token", help="bearer token for the FHIR server")
+    fl.add_argument("--only", action="append", help="scenario id (repeatable; default all)")
+    fl.set_defaults(func=cmd_fixtures_load)
+
+    pr = sub.add_parser("probe", help="act as an EHR: call the service for a patient")
+    pr.add_argument("--fhir-server", required=True, help="FHIR R4 base URL")
+    pr.add_argument("--token", help="bearer token for the FHIR server")
+    pr.add_argument("--patient", required=True, help="Patient id on the FHIR server")
+    pr.add_argument("--hook", required=True,
+                    choices=["patient-view", "order-select", "order-sign"])
+    pr.add_argument("--order", type=Path, help="draft order JSON (ServiceRequest) for order hooks")
+    pr.add_argument("--service", help="base URL of a running service (default: in-process)")
+    pr.add_argument("--no-prefetch", action="store_true",
+                    help="send no prefetch: let the service fetch with the token")
+    pr.add_argument("--show-request", action="store_true")
+    pr.add_argument("--show-response", action="store_true")
+    pr.set_defaults(func=cmd_probe)
+    return p
+
+
+# -- serve --------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run gunicorn with the application (the Flask development server is never used)."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="lbp-cds-metrics-")
+    from lbp_cds.config import Settings
+    from lbp_cds.serve import run
+
+    overrides: dict[str, Any] = {"host": args.host, "port": args.port, "workers": args.workers,
+                                 "threads": args.threads, "clients_file": args.clients}
+    if args.dev:
+        overrides["dev"] = True
+    settings = Settings.from_env(**overrides)
+    return run(settings)
+
+
+# -- evaluate -----------------------------------------------------------------------------------
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate offline and print the cards."""
+    from lbp_cds import api, create_app, hooks
+    from lbp_cds.config import Settings
+    from lbp_cds.errors import RequestError
+    from lbp_cds.fhir_data import load_record
+
+    now = _parse_now(args.now)
+    doc = hooks.parse_json(args.file.read_bytes(), 10_000)
+    if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
+        if not args.hook:
+            raise RequestError("a Bundle needs --hook")
+        doc = request_from_bundle(doc, args.hook)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings.from_env(dev=True, database_url=f"sqlite:///{tmp}/evaluate.sqlite3")
+        app = create_app(settings, clock=lambda: now)
+        rt: api.Runtime = app.extensions["lbp_cds"]
+        req = hooks.parse_request(doc)
+        candidates = [s for s in rt.knowledge.services if s.hook == req.hook
+                      and (not args.service or s.id == args.service)]
+        if not candidates:
+            raise RequestError(f"no service for hook {req.hook}")
+        service = candidates[0]
+        record = load_record(req, service, None, rt.policy)
+        with app.app_context():
+            issued = api.evaluate(rt, service, req, record, now)
+        response = {"cards": [c.card for c in issued]}
+        rt.store.engine.dispose()
+    if args.json:
+        print(json.dumps(response, indent=2))
+    else:
+        print(format_cards(response["cards"], service.id, req.hook))
+    return 0
+
+
+def _parse_now(text: str | None) -> datetime:
+    if not text:
+        return datetime.now(timezone.utc)
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def request_from_bundle(bundle: dict[str, Any], hook: str) -> dict[str, Any]:
+    """A hook request whose prefetch holds every resource of a patient Bundle, by type.
+
+    Draft ServiceRequests / MedicationRequests (status ``draft``) become the context's
+    ``draftOrders`` (all selected at order-select).
+    """
+    import uuid
+
+    from lbp_cds.knowledge import load
+
+    resources = [e["resource"] for e in bundle.get("entry", []) if isinstance(e, dict)
+                 and isinstance(e.get("resource"), dict)]
+    patients = [r for r in resources if r.get("resourceType") == "Patient"]
+    if not patients:
+        from lbp_cds.errors import RequestError
+
+        raise RequestError("the Bundle holds no Patient")
+    patient = patients[0]
+    pid = patient.get("id") or "unknown"
+    drafts = [r for r in resources if r.get("status") == "draft"
+              and r.get("resourceType") in ("ServiceRequest", "MedicationRequest")]
+    record = [r for r in resources if r not in drafts]
+    pack = load()
+    service = next(s for s in pack.services if s.hook == hook)
+    from lbp_cds.fhir_data import template_type
+
+    prefetch: dict[str, Any] = {}
+    for key, template in service.prefetch.items():
+        rtype = template_type(template)
+        if rtype == "Patient":
+            prefetch[key] = patient
+        else:
+            prefetch[key] = {"resourceType": "Bundle", "type": "searchset", "entry": [
+                {"resource": r} for r in record if r.get("resourceType") == rtype]}
+    context: dict[str, Any] = {"userId": "Practitioner/example", "patientId": pid}
+    if hook in ("order-select", "order-sign"):
+        context["draftOrders"] = {"resourceType": "Bundle", "type": "collection",
+                                  "entry": [{"resource": d} for d in drafts]}
+    if hook == "order-select":
+        context["selections"] = [f"{d['resourceType']}/{d['id']}" for d in drafts]
+    return {"hook": hook, "hookInstance": str(uuid.uuid4()), "context": context,
+            "prefetch": prefetch}
+
+
+def format_cards(cards: list[dict[str, Any]], service_id: str, hook: str) -> str:
+    """Cards as a clinician would read them in a sidebar."""
+    if not cards:
+        return f"{service_id} ({hook}): no cards."
+    lines = [f"{service_id} ({hook}): {len(cards)} card(s)", ""]
+    marks = {"critical": "!!! CRITICAL", "warning": "!  WARNING", "info": "i  INFO"}
+    for card in cards:
+        lines.append(f"{marks[card['indicator']]}  {card['summary']}")
+        rule = (card.get("extension") or {}).get("org.lbp-cds.rule", {}).get("ruleId", "")
+        lines.append(f"   source: {card['source']['label']}" + (f"  [rule {rule}]" if rule
+                                                                  else ""))
+        for para in card.get("detail", "").split("\n"):
+            if para.strip():
+                lines.append("   " + para.replace("\\", ""))
+        for s in card.get("suggestions", []):
+            star = " (recommended)" if s.get("isRecommended") else ""
+            lines.append(f"   > suggestion: {s['label']}{star}")
+            for a in s.get("actions", []):
+                lines.append(f"       - {a['type']}: {a['description']}")
+        for r in card.get("overrideReasons", []):
+            lines.append(f"   x override reason: {r['display']}")
+        for link in card.get("links", []):
+            lines.append(f"   link: {link['label']} <{link['url']}>")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- knowledge and feedback -----------------------------------------------------------------------
+def cmd_check_knowledge(args: argparse.Namespace) -> int:
+    """Load, compile and lint the pack; print a summary."""
+    from lbp_cds import knowledge
+    from lbp_cds.lint import lint
+    from lbp_cds.rules import RuleEngine
+
+    pack = knowledge.load(args.knowledge_dir)
+    RuleEngine(pack)
+    problems = lint(pack)
+    print(f"knowledge at {pack.root}: {len(pack.services)} services, {len(pack.rules)} rules, "
+          f"{len(pack.cards)} cards, {len(pack.valuesets)} value sets, "
+          f"{len(pack.parameters)} parameters, {len(pack.orderables)} orderables")
+    for problem in problems:
+        print(f"  problem: {problem}")
+    return 1 if problems else 0
+
+
+def cmd_feedback_report(args: argparse.Namespace) -> int:
+    """Print acceptance and override rates per rule."""
+    from lbp_cds.config import Settings
+    from lbp_cds.store import Store
+
+    store = Store(Settings.from_env().database_url)
+    store.create()
+    report = store.feedback_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{'rule':<14}{'issued':>8}{'accepted':>10}{'overridden':>12}{'accept%':>9}"
+          f"{'override%':>11}  reasons")
+    for e in report:
+        reasons = "; ".join(f"{k} ({v})" for k, v in sorted(e["reasons"].items()))
+        print(f"{e['rule']:<14}{e['issued']:>8}{e['accepted']:>10}{e['overridden']:>12}"
+              f"{e['acceptance_rate'] * 100:>8.1f}%{e['override_rate'] * 100:>10.1f}%  {reasons}")
+    return 0
+
+
+def cmd_fixtures_load(args: argparse.Namespace) -> int:
+    """Load fixture patients into a FHIR server (idempotent: PUT by id)."""
+    from lbp_cds.fixtures import load_into_server
+
+    loaded = load_into_server(args.fhir_server, args.token, args.only)
+    for scenario_id, count in loaded:
+        print(f"loaded {scenario_id}: {count} resources")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Act as an EHR for one patient and print the cards."""
+    from lbp_cds.probe import probe
+
+    return probe(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Every setting of lbp-cds, with its default, read from ``LBP_CDS_*`` environment variables.
+
+The table in the README is generated from ``SETTINGS`` (``tests/test_config.py`` keeps them equal).
+Values are validated when the application starts: a bad value stops the service with a message
+naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from lbp_cds.errors import ConfigError
+
+PREFIX = "LBP_CDS_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's settings. Field names are the environment names without the prefix."""
+
+    database_url: str = field(
+        default="sqlite:///lbp-cds.sqlite3",
+        metadata={"doc": "SQLAlchemy URL of the store (issued cards, feedback, JWT replay cache). "
+                  "SQLite file by default; `postgresql+psycopg://...` for several replicas."},
+    )
+    dev: bool = field(
+        default=False,
+        metadata={"doc": "Run without client authentication (development only; logged loudly)."},
+    )
+    clients_file: str = field(
+        default="",
+        metadata={"doc": "YAML file of trusted CDS clients (iss, JWKS, tenant). Required unless dev."},
+    )
+    public_base_url: str = field(
+        default="",
+        metadata={"doc": "External base URL (e.g. `https://cds.example.org`) used as the JWT "
+                  "audience behind proxies; empty: the URL the request arrived at."},
+    )
+    cors_origins: str = field(
+        default="",
+        metadata={"doc": "Comma-separated browser origins allowed by CORS; `*` only with dev."},
+    )
+    knowledge_dir: str = field(
+        default="",
+        metadata={"doc": "Folder of the knowledge pack; empty: the pack shipped with the package."},
+    )
+    parameters_file: str = field(
+        default="",
+        metadata={"doc": "YAML of site overrides for clinical parameters (values only)."},
+    )
+    fhir_connect_timeout_seconds: float = field(
+        default=2.0, metadata={"doc": "Connect timeout of each FHIR request."})
+    fhir_read_timeout_seconds: float = field(
+        default=3.0, metadata={"doc": "Read timeout of each FHIR request."})
+    fhir_deadline_seconds: float = field(
+        default=4.0, metadata={"doc": "Overall deadline for all FHIR fetches of one hook call."})
+    fhir_max_pages: int = field(
+        default=20, metadata={"doc": "Most `next` pages followed per prefetch key."})
+    fhir_max_resources: int = field(
+        default=20000, metadata={"doc": "Most resources accepted per hook call (prefetch + fetch)."})
+    fhir_max_response_bytes: int = field(
+        default=20_000_000, metadata={"doc": "Largest FHIR response body read."})
+    fhir_parallelism: int = field(
+        default=8, metadata={"doc": "Concurrent FHIR requests per hook call."})
+    fhir_allow_http: bool = field(
+        default=True,
+        metadata={"doc": "Accept `http://` fhirServer URLs (test servers); set false in production "
+                  "to require https."},
+    )
+    max_body_bytes: int = field(
+        default=20_000_000, metadata={"doc": "Largest request body accepted (413 above)."})
+    max_json_depth: int = field(
+        default=64, metadata={"doc": "Deepest JSON nesting accepted (400 above)."})
+    jwt_algorithms: str = field(
+        default="ES384,RS384",
+        metadata={"doc": "Accepted JWT algorithms (asymmetric only; `none` and HS* refused)."},
+    )
+    jwt_leeway_seconds: int = field(
+        default=30, metadata={"doc": "Clock skew allowed on exp, iat and nbf."})
+    host: str = field(default="127.0.0.1", metadata={"doc": "Address `lbp-cds serve` binds."})
+    port: int = field(default=8080, metadata={"doc": "Port `lbp-cds serve` binds."})
+    workers: int = field(
+        default=2, metadata={"doc": "gunicorn worker processes (one per core is a good start)."})
+    threads: int = field(
+        default=4, metadata={"doc": "Threads per worker (FHIR fetches wait on the network)."})
+    graceful_timeout_seconds: int = field(
+        default=20, metadata={"doc": "Time given to in-flight requests on shutdown."})
+    log_level: str = field(default="INFO", metadata={"doc": "Log level (JSON logs to stderr)."})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from the environment, then apply keyword overrides.
+
+        Args:
+            environ: the environment to read (default ``os.environ``).
+            **overrides: values that win over the environment (tests, CLI flags).
+
+        Returns:
+            Validated settings.
+
+        Raises:
+            ConfigError: a variable does not parse as its type, or a value is out of range.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = PREFIX + f.name.upper()
+            if name in env:
+                values[f.name] = _convert(name, env[name], f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Check ranges and combinations.
+
+        Raises:
+            ConfigError: naming the variable at fault.
+        """
+        positive = ("fhir_connect_timeout_seconds", "fhir_read_timeout_seconds",
+                    "fhir_deadline_seconds", "fhir_max_pages", "fhir_max_resources",
+                    "fhir_max_response_bytes", "fhir_parallelism", "max_body_bytes",
+                    "max_json_depth", "workers", "threads", "port")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be positive")
+        algorithms = self.algorithms
+        for alg in algorithms:
+            if alg.lower() == "none" or alg.upper().startswith("HS"):
+                raise ConfigError(
+                    f"{PREFIX}JWT_ALGORITHMS may not contain {alg}: CDS Hooks forbids `none` "
+                    "and symmetric algorithms")
+        if not algorithms:
+            raise ConfigError(f"{PREFIX}JWT_ALGORITHMS is empty")
+        if "*" in self.origins and not self.dev:
+            raise ConfigError(f"{PREFIX}CORS_ORIGINS='*' is allowed only in dev mode")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        """The accepted JWT algorithms as a tuple."""
+        return tuple(a.strip() for a in self.jwt_algorithms.split(",") if a.strip())
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """The CORS origins as a tuple."""
+        return tuple(o.strip() for o in self.cors_origins.split(",") if o.strip())
+
+    @property
+    def knowledge_path(self) -> Path | None:
+        """The configured knowledge folder, or None for the bundled pack."""
+        return Path(self.knowledge_dir) if self.knowledge_dir else None
+
+
+def _convert(name: str, raw: str, kind: Any) -> Any:
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    try:
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind}") from None
+    return raw
+
+
+def settings_table() -> str:
+    """Return the Markdown table of every setting (used in the README)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in fields(Settings):
+        default = f.default
+        shown = f"`{default}`" if default not in ("", None) else "(empty)"
+        if isinstance(default, bool):
+            shown = f"`{str(default).lower()}`"
+        rows.append(f"| `{PREFIX}{f.name.upper()}` | {shown} | {f.metadata['doc']} |")
+    return "\n".join(rows)

@@ -1,0 +1,857 @@
+"""The vocabulary rules may use: small pure functions over a ``PatientRecord``.
+
+Each fact answers **present** (with the evidence that shows it), **absent** (the data were there
+and say no) or **unknown** (the data were not there). Unknown is never absent. Every number and
+code a fact compares against comes from its arguments, that is from the knowledge pack; the only
+vocabulary here is FHIR's own (statuses, interpretation flags, units).
+
+The table of facts, their arguments and meaning is ``docs/knowledge-format.md``; ``FACTS`` below
+is the registry ``rules.py`` compiles rule trees against.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+from lbp_cds.fhir_data import PatientRecord
+from lbp_cds.knowledge import Knowledge, ValueSet
+
+PRESENT, ABSENT, UNKNOWN = "present", "absent", "unknown"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+ACTIVE_CLINICAL = {"active", "recurrence", "relapse"}
+IGNORED_VERIFICATION = {"refuted", "entered-in-error"}
+OBSERVATION_OK = {"final", "amended", "corrected", "preliminary"}
+HIGH_FLAGS = {"H", "HH", "HU", "A", "AA"}
+LOW_FLAGS = {"L", "LL", "LU"}
+POSITIVE_FLAGS = {"POS", "DET", "A", "H", "HH"}
+NEGATIVE_FLAGS = {"NEG", "ND"}
+OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le,
+    "eq": operator.eq,
+}
+OP_WORDS = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤", "eq": "="}
+# UCUM conversions to the unit a rule asks for: (from, to) -> function.
+UNIT_CONVERSIONS: dict[tuple[str, str], Callable[[float], float]] = {
+    ("[degF]", "Cel"): lambda v: (v - 32.0) * 5.0 / 9.0,
+    ("Cel", "[degF]"): lambda v: v * 9.0 / 5.0 + 32.0,
+    ("[lb_av]", "kg"): lambda v: v * 0.45359237,
+    ("g", "kg"): lambda v: v / 1000.0,
+    ("L", "mL"): lambda v: v * 1000.0,
+    ("/min", "{beats}/min"): lambda v: v,
+    ("{beats}/min", "/min"): lambda v: v,
+    ("mm[Hg]", "mm[Hg]"): lambda v: v,
+}
+UNIT_ALIASES = {"degF": "[degF]", "°F": "[degF]", "F": "[degF]", "°C": "Cel", "C": "Cel",
+                "degC": "Cel", "lb": "[lb_av]", "lbs": "[lb_av]", "bpm": "/min",
+                "beats/min": "/min", "mmHg": "mm[Hg]", "ml": "mL"}
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One thing in the record that shows a fact: what, its value, when, and which resource."""
+
+    what: str
+    value: str = ""
+    when: str = ""
+    reference: str = ""
+
+
+@dataclass(frozen=True)
+class Result:
+    """A fact's answer."""
+
+    status: str
+    evidence: tuple[Evidence, ...] = ()
+    unknown: tuple[str, ...] = ()
+    ask: tuple[str, ...] = ()  # intake questionnaire items that would settle an unknown
+    value: Any = None
+
+    @staticmethod
+    def present(evidence: Iterable[Evidence], value: Any = None) -> Result:
+        return Result(PRESENT, tuple(evidence), value=value)
+
+    @staticmethod
+    def absent(evidence: Iterable[Evidence] = ()) -> Result:
+        return Result(ABSENT, tuple(evidence))
+
+    @staticmethod
+    def not_known(reason: str, ask: Iterable[str] = ()) -> Result:
+        return Result(UNKNOWN, unknown=(reason,), ask=tuple(ask))
+
+
+@dataclass
+class Context:
+    """What a fact may look at: the record, the knowledge, the clock, the hook, the order."""
+
+    record: PatientRecord
+    knowledge: Knowledge
+    now: datetime
+    hook: str
+    orders: list[Any] = field(default_factory=list)  # the judged draft orders
+    order: Any | None = None  # the one being judged by a for_each_order rule
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+    def reason_orders(self) -> list[Any]:
+        """Orders whose reasons count as clinical context."""
+        return [self.order] if self.order is not None else self.orders
+
+
+# -- small readers of R4B models ----------------------------------------------------------------
+def codings(concept: Any) -> list[Any]:
+    """Codings of a CodeableConcept (or of a list of them)."""
+    if concept is None:
+        return []
+    if isinstance(concept, list):
+        return [c for cc in concept for c in (cc.coding or [])]
+    return list(concept.coding or [])
+
+
+def match(concept: Any, valueset: ValueSet) -> Any | None:
+    """The first coding of ``concept`` in the value set, or None."""
+    for coding in codings(concept):
+        if valueset.contains(coding.system, coding.code):
+            return coding
+    return None
+
+
+def status_code(concept: Any) -> str | None:
+    """The code of a status CodeableConcept (clinicalStatus, verificationStatus)."""
+    for coding in codings(concept):
+        if coding.code:
+            return str(coding.code)
+    return None
+
+
+def as_datetime(value: Any) -> datetime | None:
+    """A FHIR date/dateTime value (model or string) as an aware datetime."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
+    if isinstance(value, str):
+        from lbp_cds.fhir_data import parse_datetime
+
+        return parse_datetime(value)
+    return None
+
+
+def day(value: datetime | None) -> str:
+    """A date for card text."""
+    return value.date().isoformat() if value else ""
+
+
+def describe(coding: Any) -> str:
+    """``display (SYSTEM code)`` for card text."""
+    system = {
+        "http://hl7.org/fhir/sid/icd-10-cm": "ICD-10-CM", "http://snomed.info/sct": "SNOMED CT",
+        "http://loinc.org": "LOINC", RXNORM: "RxNorm", "http://www.ama-assn.org/go/cpt": "CPT",
+    }.get(coding.system or "", coding.system or "")
+    display = coding.display or coding.code
+    return f"{display} ({system} {coding.code})"
+
+
+def ref(resource: Any) -> str:
+    """``Type/id`` of a resource."""
+    return f"{resource.get_resource_type()}/{resource.id}" if resource.id else \
+        resource.get_resource_type()
+
+
+def since(ctx: Context, days: float | None) -> datetime | None:
+    """The start of a look-back window of ``days`` before now."""
+    return None if days is None else ctx.now - timedelta(days=float(days))
+
+
+def window_words(days: float | None) -> str:
+    return f" in the last {int(days) if float(days).is_integer() else days} days" if days else ""
+
+
+def unavailable(ctx: Context, resource_type: str, label: str) -> Result:
+    reason = ctx.record.missing_reason(resource_type) or "not available"
+    return Result.not_known(f"{label}: {resource_type} data could not be checked ({reason})")
+
+
+# -- the facts ----------------------------------------------------------------------------------
+def condition(ctx: Context, a: dict[str, Any]) -> Result:
+    """A Condition (or a reason of the judged order) with a code in the value set."""
+    vs: ValueSet = a["valueset"]
+    want_active = a.get("status", "active") == "active"
+    start = since(ctx, a.get("within_days"))
+    found: list[Evidence] = []
+    for c in ctx.record.coded("Condition", vs):
+        if status_code(c.verificationStatus) in IGNORED_VERIFICATION:
+            continue
+        clinical = status_code(c.clinicalStatus)
+        if want_active and clinical not in (None, *ACTIVE_CLINICAL):
+            continue
+        when = as_datetime(c.onsetDateTime) or as_datetime(
+            c.onsetPeriod.start if c.onsetPeriod else None) or as_datetime(c.recordedDate)
+        if start is not None and (when is None or when < start):
+            continue
+        coding = match(c.code, vs)
+        found.append(Evidence(f"Condition: {describe(coding)}", clinical or "no status given",
+                              day(when), ref(c)))
+    for order in ctx.reason_orders():
+        for cc in getattr(order, "reasonCode", None) or []:
+            coding = match(cc, vs)
+            if coding is not None:
+                found.append(Evidence(f"Reason on the draft order: {describe(coding)}",
+                                      "stated on the order", "", ref(order)))
+        for reference in getattr(order, "reasonReference", None) or []:
+            target = ctx.record.by_reference(reference.reference or "")
+            if target is not None and target.get_resource_type() == "Condition":
+                coding = match(target.code, vs)
+                if coding is not None and status_code(target.verificationStatus) not in (
+                        IGNORED_VERIFICATION):
+                    found.append(Evidence(f"Reason on the draft order: {describe(coding)}",
+                                          "referenced by the order", "", ref(target)))
+    if found:
+        return Result.present(found)
+    if not ctx.record.available("Condition"):
+        return unavailable(ctx, "Condition", a["label"])
+    return Result.absent()
+
+
+def _observations(ctx: Context, vs: ValueSet, days: float | None) -> list[Any]:
+    start = since(ctx, days)
+    out = []
+    for ob in ctx.record.coded("Observation", vs, since=start):
+        if ob.status not in OBSERVATION_OK:
+            continue
+        when = observation_time(ob)
+        if start is not None and (when is None or when < start):
+            continue
+        out.append(ob)
+    return out
+
+
+def observation_time(ob: Any) -> datetime | None:
+    """When an Observation applies."""
+    return (as_datetime(ob.effectiveDateTime) or as_datetime(ob.effectiveInstant)
+            or as_datetime(ob.effectivePeriod.start if ob.effectivePeriod else None)
+            or as_datetime(ob.issued))
+
+
+def _flags(ob: Any) -> set[str]:
+    return {str(c.code) for c in codings(ob.interpretation) if c.code}
+
+
+def finding(ctx: Context, a: dict[str, Any]) -> Result:
+    """An Observation recording the finding (as its code or its coded value), not negated."""
+    vs: ValueSet = a["valueset"]
+    negative: ValueSet = ctx.knowledge.valueset("observation-negative")
+    found, denied = [], []
+    for ob in _observations(ctx, vs, a.get("within_days")):
+        coding = match(ob.code, vs) or match(ob.valueCodeableConcept, vs)
+        when = day(observation_time(ob))
+        negated = (ob.valueBoolean is False or _flags(ob) & NEGATIVE_FLAGS
+                   or (match(ob.code, vs) is not None and match(ob.valueCodeableConcept, negative)
+                       is not None))
+        (denied if negated else found).append(
+            Evidence(f"Observation: {describe(coding)}", "recorded absent" if negated
+                     else "recorded present", when, ref(ob)))
+    if found:
+        return Result.present(found)
+    if denied:
+        return Result.absent(denied)
+    if not ctx.record.available("Observation"):
+        return unavailable(ctx, "Observation", a["label"])
+    return Result.not_known(f"{a['label']}: not recorded{window_words(a.get('within_days'))}")
+
+
+def _quantities(ob: Any, vs: ValueSet) -> list[tuple[Any, Any]]:
+    """(coding, Quantity) pairs of an Observation for codes in the value set."""
+    out = []
+    coding = match(ob.code, vs)
+    if coding is not None and ob.valueQuantity is not None:
+        out.append((coding, ob.valueQuantity))
+    for comp in ob.component or []:
+        ccoding = match(comp.code, vs)
+        if ccoding is not None and comp.valueQuantity is not None:
+            out.append((ccoding, comp.valueQuantity))
+    return out
+
+
+def convert(quantity: Any, unit: str | None) -> float | None:
+    """A Quantity's value in ``unit`` (UCUM), or None when it cannot be converted."""
+    if quantity.value is None:
+        return None
+    value = float(quantity.value)
+    if not unit:
+        return value
+    have = quantity.code or quantity.unit or ""
+    have = UNIT_ALIASES.get(have, have)
+    if have == unit:
+        return value
+    fn = UNIT_CONVERSIONS.get((have, unit))
+    return fn(value) if fn else None
+
+
+def observation_value(ctx: Context, a: dict[str, Any]) -> Result:
+    """A measured value in the window meets the comparison."""
+    vs: ValueSet = a["valueset"]
+    op, limit, unit = a["op"], float(a["value"]), a.get("unit")
+    met, seen = [], []
+    for ob in _observations(ctx, vs, a.get("within_days")):
+        for coding, qty in _quantities(ob, vs):
+            value = convert(qty, unit)
+            if value is None:
+                continue
+            ev = Evidence(f"Observation: {describe(coding)}",
+                          f"{qty.value} {qty.unit or qty.code or ''}".strip(),
+                          day(observation_time(ob)), ref(ob))
+            (met if OPS[op](value, limit) else seen).append(ev)
+    if met:
+        return Result.present(met)
+    if seen:
+        return Result.absent(seen)
+    if not ctx.record.available("Observation"):
+        return unavailable(ctx, "Observation", a["label"])
+    return Result.not_known(
+        f"{a['label']}: no measurement{window_words(a.get('within_days'))}")
+
+
+def _lab(ctx: Context, a: dict[str, Any], flags: set[str], side: str) -> Result:
+    vs: ValueSet = a["valueset"]
+    out, normal = [], []
+    for ob in _observations(ctx, vs, a.get("within_days")):
+        for coding, qty in _quantities(ob, vs) or [(match(ob.code, vs), None)]:
+            abnormal = bool(_flags(ob) & flags)
+            if not abnormal and qty is not None and qty.value is not None:
+                for rr in ob.referenceRange or []:
+                    bound = getattr(rr, side)
+                    if bound is not None and bound.value is not None:
+                        cmp = operator.gt if side == "high" else operator.lt
+                        abnormal = abnormal or cmp(Decimal(qty.value), Decimal(bound.value))
+            shown = f"{qty.value} {qty.unit or qty.code or ''}".strip() if qty else ", ".join(
+                sorted(_flags(ob))) or "result"
+            ev = Evidence(f"Observation: {describe(coding)}", shown,
+                          day(observation_time(ob)), ref(ob))
+            (out if abnormal else normal).append(ev)
+    if out:
+        return Result.present(out)
+    if normal:
+        return Result.absent(normal)
+    if not ctx.record.available("Observation"):
+        return unavailable(ctx, "Observation", a["label"])
+    return Result.not_known(f"{a['label']}: no result{window_words(a.get('within_days'))}")
+
+
+def lab_high(ctx: Context, a: dict[str, Any]) -> Result:
+    """A result flagged high, or above its reference range."""
+    return _lab(ctx, a, HIGH_FLAGS, "high")
+
+
+def lab_low(ctx: Context, a: dict[str, Any]) -> Result:
+    """A result flagged low, or below its reference range."""
+    return _lab(ctx, a, LOW_FLAGS, "low")
+
+
+def lab_positive(ctx: Context, a: dict[str, Any]) -> Result:
+    """A qualitative positive, or a quantity at or above the threshold."""
+    vs: ValueSet = a["valueset"]
+    positive: ValueSet = ctx.knowledge.valueset("observation-positive")
+    negative: ValueSet = ctx.knowledge.valueset("observation-negative")
+    pos, neg = [], []
+    for ob in _observations(ctx, vs, a.get("within_days")):
+        coding = match(ob.code, vs)
+        flags = _flags(ob)
+        verdict: bool | None = None
+        shown = ""
+        if match(ob.valueCodeableConcept, positive) is not None or flags & POSITIVE_FLAGS:
+            verdict, shown = True, "positive"
+        elif match(ob.valueCodeableConcept, negative) is not None or flags & NEGATIVE_FLAGS:
+            verdict, shown = False, "negative"
+        elif isinstance(ob.valueString, str) and ob.valueString.strip().lower() in (
+                "positive", "pos", "detected"):
+            verdict, shown = True, ob.valueString
+        elif isinstance(ob.valueString, str) and ob.valueString.strip().lower() in (
+                "negative", "neg", "not detected"):
+            verdict, shown = False, ob.valueString
+        elif ob.valueQuantity is not None and "value" in a:
+            value = convert(ob.valueQuantity, a.get("unit"))
+            if value is not None:
+                verdict = value >= float(a["value"])
+                shown = f"{ob.valueQuantity.value} {ob.valueQuantity.unit or ''}".strip()
+        if verdict is None:
+            continue
+        ev = Evidence(f"Observation: {describe(coding)}", shown, day(observation_time(ob)),
+                      ref(ob))
+        (pos if verdict else neg).append(ev)
+    if pos:
+        return Result.present(pos)
+    if neg:
+        return Result.absent(neg)
+    if not ctx.record.available("Observation"):
+        return unavailable(ctx, "Observation", a["label"])
+    return Result.not_known(f"{a['label']}: no result{window_words(a.get('within_days'))}")
+
+
+def observation_recorded(ctx: Context, a: dict[str, Any]) -> Result:
+    """Any Observation with a code of the value set in the window."""
+    vs: ValueSet = a["valueset"]
+    found = [Evidence(f"Observation: {describe(match(ob.code, vs) or codings(ob.code)[0])}",
+                      "recorded", day(observation_time(ob)), ref(ob))
+             for ob in _observations(ctx, vs, a.get("within_days")) if match(ob.code, vs)]
+    if found:
+        return Result.present(found)
+    if not ctx.record.available("Observation"):
+        return unavailable(ctx, "Observation", a["label"])
+    return Result.absent()
+
+
+def weight_loss(ctx: Context, a: dict[str, Any]) -> Result:
+    """The latest weight is lower than the highest in the window by at least ``percent``."""
+    vs: ValueSet = a["valueset"]
+    points = []
+    for ob in _observations(ctx, vs, a.get("within_days")):
+        for _coding, qty in _quantities(ob, vs):
+            value = convert(qty, "kg")
+            when = observation_time(ob)
+            if value is not None and when is not None:
+                points.append((when, value, ob))
+    if len(points) < 2:
+        if not ctx.record.available("Observation"):
+            return unavailable(ctx, "Observation", a["label"])
+        return Result.not_known(f"{a['label']}: fewer than two weights"
+                                f"{window_words(a.get('within_days'))}")
+    points.sort(key=lambda p: p[0])
+    latest = points[-1]
+    peak = max(points[:-1], key=lambda p: p[1])
+    loss = (peak[1] - latest[1]) / peak[1] * 100.0 if peak[1] else 0.0
+    ev = [Evidence("Body weight", f"{peak[1]:.1f} kg", day(peak[0]), ref(peak[2])),
+          Evidence("Body weight", f"{latest[1]:.1f} kg ({loss:.1f} % lower)", day(latest[0]),
+                   ref(latest[2]))]
+    return Result.present(ev) if loss >= float(a["percent"]) else Result.absent(ev)
+
+
+def _therapy_days(mr: Any, now: datetime) -> float:
+    start = as_datetime(mr.authoredOn)
+    elapsed = (now - start).total_seconds() / 86400 if start else 0.0
+    supply = 0.0
+    dr = mr.dispenseRequest
+    if dr is not None and dr.expectedSupplyDuration is not None and \
+            dr.expectedSupplyDuration.value is not None:
+        per_fill = float(dr.expectedSupplyDuration.value)
+        unit = dr.expectedSupplyDuration.code or dr.expectedSupplyDuration.unit or "d"
+        per_fill *= {"d": 1, "day": 1, "days": 1, "wk": 7, "week": 7, "mo": 30,
+                     "month": 30}.get(str(unit), 1)
+        supply = per_fill * (1 + int(dr.numberOfRepeatsAllowed or 0))
+    return max(elapsed if start and mr.status == "active" else 0.0, supply)
+
+
+def medication(ctx: Context, a: dict[str, Any]) -> Result:
+    """A MedicationRequest for a drug of the value set (ingredient, or product mapped to one)."""
+    vs: ValueSet = a["valueset"]
+    source = a.get("source", "any")
+    want_active = a.get("status", "active") == "active"
+    start = since(ctx, a.get("within_days"))
+    candidates: list[tuple[Any, bool]] = []
+    if source in ("record", "any"):
+        candidates += [(m, False) for m in ctx.record.coded("MedicationRequest", vs)]
+    if source in ("draft", "any"):
+        candidates += [(m, True) for m in ctx.record.draft_orders()
+                       if m.get_resource_type() == "MedicationRequest"
+                       and match(m.medicationCodeableConcept, vs) is not None]
+    found = []
+    for mr, draft in candidates:
+        if not draft and want_active and mr.status != "active":
+            continue
+        when = as_datetime(mr.authoredOn)
+        if start is not None and not draft and (when is None or when < start):
+            continue
+        if "min_days" in a and _therapy_days(mr, ctx.now) < float(a["min_days"]):
+            continue
+        coding = match(mr.medicationCodeableConcept, vs)
+        found.append(Evidence(f"{'Draft order' if draft else 'MedicationRequest'}: "
+                              f"{describe(coding)}", "draft" if draft else str(mr.status),
+                              day(when), ref(mr)))
+    if found:
+        return Result.present(found)
+    if source != "draft" and not ctx.record.available("MedicationRequest"):
+        return unavailable(ctx, "MedicationRequest", a["label"])
+    return Result.absent()
+
+
+def procedure(ctx: Context, a: dict[str, Any]) -> Result:
+    """A completed (or in-progress) Procedure of the value set."""
+    vs: ValueSet = a["valueset"]
+    start = since(ctx, a.get("within_days"))
+    found = []
+    for p in ctx.record.coded("Procedure", vs, since=start):
+        if p.status not in ("completed", "in-progress"):
+            continue
+        when = as_datetime(p.performedDateTime) or as_datetime(
+            p.performedPeriod.start if p.performedPeriod else None)
+        if start is not None and (when is None or when < start):
+            continue
+        found.append(Evidence(f"Procedure: {describe(match(p.code, vs))}", str(p.status),
+                              day(when), ref(p)))
+    if found:
+        return Result.present(found)
+    if not ctx.record.available("Procedure"):
+        return unavailable(ctx, "Procedure", a["label"])
+    return Result.absent()
+
+
+def _judged_ids(ctx: Context) -> set[str]:
+    return {str(o.id) for o in ([ctx.order] if ctx.order is not None else ctx.orders) if o.id}
+
+
+def service_request(ctx: Context, a: dict[str, Any]) -> Result:
+    """A ServiceRequest in the record (not a judged draft) of the value set."""
+    vs: ValueSet = a["valueset"]
+    statuses = set(a.get("status") or ("active", "completed"))
+    start = since(ctx, a.get("within_days"))
+    skip = _judged_ids(ctx)
+    found = []
+    for sr in ctx.record.coded("ServiceRequest", vs, since=start):
+        if sr.status not in statuses or str(sr.id) in skip:
+            continue
+        when = as_datetime(sr.authoredOn) or as_datetime(sr.occurrenceDateTime)
+        if start is not None and (when is None or when < start):
+            continue
+        found.append(Evidence(f"ServiceRequest: {describe(match(sr.code, vs))}", str(sr.status),
+                              day(when), ref(sr)))
+    if found:
+        return Result.present(found)
+    if not ctx.record.available("ServiceRequest"):
+        return unavailable(ctx, "ServiceRequest", a["label"])
+    return Result.absent()
+
+
+def prior_imaging(ctx: Context, a: dict[str, Any]) -> Result:
+    """Imaging of the value set already done (ImagingStudy, DiagnosticReport, completed order)."""
+    vs: ValueSet = a["valueset"]
+    start = since(ctx, a.get("within_days"))
+    skip = _judged_ids(ctx)
+    found, missing = [], []
+    for rtype, concept_of, when_of in (
+        ("ImagingStudy", lambda r: r.procedureCode, lambda r: r.started),
+        ("DiagnosticReport", lambda r: r.code,
+         lambda r: r.effectiveDateTime or (r.effectivePeriod.start if r.effectivePeriod else None)
+         or r.issued),
+        ("ServiceRequest", lambda r: r.code, lambda r: r.occurrenceDateTime or r.authoredOn),
+    ):
+        if not ctx.record.available(rtype):
+            missing.append(rtype)
+        for r in ctx.record.coded(rtype, vs, since=start):
+            if str(r.id) in skip:
+                continue
+            if rtype == "ServiceRequest" and r.status != "completed":
+                continue
+            if rtype == "DiagnosticReport" and r.status in ("entered-in-error", "cancelled"):
+                continue
+            when = as_datetime(when_of(r))
+            if start is not None and (when is None or when < start):
+                continue
+            found.append(Evidence(f"{rtype}: {describe(match(concept_of(r), vs))}",
+                                  str(getattr(r, "status", "") or ""), day(when), ref(r)))
+    if found:
+        return Result.present(found)
+    if missing:
+        return Result.not_known(f"{a['label']}: {', '.join(missing)} could not be checked")
+    return Result.absent()
+
+
+# -- intake questionnaire -----------------------------------------------------------------------
+def _responses(ctx: Context) -> list[Any]:
+    key = "responses"
+    if key not in ctx.cache:
+        url = ctx.knowledge.questionnaire_url
+        found = [qr for qr in ctx.record.all("QuestionnaireResponse")
+                 if (qr.questionnaire or "").split("|")[0] == url
+                 and qr.status in ("completed", "amended")]
+        found.sort(key=lambda qr: as_datetime(qr.authored) or datetime.min.replace(
+            tzinfo=timezone.utc), reverse=True)
+        ctx.cache[key] = found
+    return list(ctx.cache[key])
+
+
+def _answers(qr: Any, link_id: str) -> list[Any]:
+    stack = list(qr.item or [])
+    while stack:
+        item = stack.pop()
+        if item.linkId == link_id:
+            return list(item.answer or [])
+        stack.extend(item.item or [])
+        for answer in item.answer or []:
+            stack.extend(answer.item or [])
+    return []
+
+
+def _answer_value(answer: Any) -> Any:
+    for name in ("valueBoolean", "valueInteger", "valueDecimal", "valueDate", "valueDateTime",
+                 "valueString"):
+        value = getattr(answer, name, None)
+        if value is not None:
+            return value
+    if answer.valueCoding is not None:
+        return answer.valueCoding.code
+    return None
+
+
+def latest_answers(ctx: Context, link_id: str, within_days: float | None = None
+                   ) -> tuple[list[Any], Any | None]:
+    """The answers to an intake item in the newest response that answers it, and that response."""
+    start = since(ctx, within_days)
+    for qr in _responses(ctx):
+        authored = as_datetime(qr.authored)
+        if start is not None and (authored is None or authored < start):
+            continue
+        values = [v for v in (_answer_value(a) for a in _answers(qr, link_id)) if v is not None]
+        if values:
+            return values, qr
+    return [], None
+
+
+def _unanswered(ctx: Context, label: str, link_id: str) -> Result:
+    if not ctx.record.available("QuestionnaireResponse"):
+        return Result.not_known(f"{label}: the intake questionnaire could not be checked",
+                                ask=[link_id])
+    return Result.not_known(f"{label}: not asked (intake item {link_id} unanswered)",
+                            ask=[link_id])
+
+
+def answer(ctx: Context, a: dict[str, Any]) -> Result:
+    """The newest intake response answers the item as asked."""
+    link_id = a["item"]
+    values, qr = latest_answers(ctx, link_id, a.get("within_days"))
+    if qr is None:
+        return _unanswered(ctx, a["label"], link_id)
+    if "op" in a:
+        hit = [v for v in values if isinstance(v, int | float | Decimal)
+               and not isinstance(v, bool) and OPS[a["op"]](float(v), float(a["value"]))]
+    else:
+        wanted = a.get("equals", True)
+        wanted_list = wanted if isinstance(wanted, list) else [wanted]
+        hit = [v for v in values if any(_same_answer(v, w) for w in wanted_list)]
+    shown = ", ".join(str(v).lower() if isinstance(v, bool) else str(v) for v in values)
+    ev = Evidence(f"Intake answer: {a['label']}", shown, day(as_datetime(qr.authored)), ref(qr))
+    return Result.present([ev]) if hit else Result.absent([ev])
+
+
+def _same_answer(value: Any, wanted: Any) -> bool:
+    if isinstance(value, bool) or isinstance(wanted, bool):
+        return isinstance(value, bool) and isinstance(wanted, bool) and value == wanted
+    return str(value) == str(wanted)
+
+
+def answer_date_within(ctx: Context, a: dict[str, Any]) -> Result:
+    """The item's date answer lies within the last ``days``."""
+    values, qr = latest_answers(ctx, a["item"])
+    dates = [as_datetime(v) for v in values if isinstance(v, date | str)]
+    dates = [d for d in dates if d is not None]
+    if qr is None or not dates:
+        return _unanswered(ctx, a["label"], a["item"])
+    newest = max(dates)
+    ev = Evidence(f"Intake answer: {a['label']}", day(newest), day(as_datetime(qr.authored)),
+                  ref(qr))
+    return Result.present([ev]) if newest >= ctx.now - timedelta(days=float(a["days"])) \
+        else Result.absent([ev])
+
+
+def startback_scores(ctx: Context) -> tuple[int, int] | None:
+    """(total, psychosocial subscale) of the STarT Back items, or None if any is unanswered."""
+    k = ctx.knowledge
+    items = k.param("$startback_items")
+    sub_items = set(k.param("$startback_subscale_items"))
+    scoring = set(k.param("$startback_item9_scoring_answers"))
+    total = sub = 0
+    for link_id in items:
+        values, qr = latest_answers(ctx, link_id)
+        if qr is None:
+            return None
+        value = values[0]
+        point = 1 if (value is True or (isinstance(value, str) and value in scoring)) else 0
+        total += point
+        if link_id in sub_items:
+            sub += point
+    return total, sub
+
+
+def startback(ctx: Context, a: dict[str, Any]) -> Result:
+    """The STarT Back risk group the intake answers give."""
+    scores = startback_scores(ctx)
+    if scores is None:
+        if not ctx.record.available("QuestionnaireResponse"):
+            return Result.not_known("STarT Back: the intake questionnaire could not be checked")
+        return Result.not_known("STarT Back: not every item answered",
+                                ask=tuple(ctx.knowledge.param("$startback_items")))
+    total, sub = scores
+    k = ctx.knowledge
+    if sub >= int(k.param("$startback_high_min_subscale")):
+        risk = "high"
+    elif total <= int(k.param("$startback_low_max_total")):
+        risk = "low"
+    else:
+        risk = "medium"
+    _values, qr = latest_answers(ctx, k.param("$startback_items")[0])
+    ev = Evidence("STarT Back", f"total {total}/9, psychosocial {sub}/5: {risk} risk",
+                  day(as_datetime(qr.authored)) if qr else "", ref(qr) if qr else "")
+    return Result.present([ev], value=risk) if risk == a["risk"] else Result.absent([ev])
+
+
+# -- the patient --------------------------------------------------------------------------------
+def age_years(birth: date, now: datetime) -> int:
+    """Completed years of age."""
+    today = now.date()
+    return today.year - birth.year - ((today.month, today.day) < (birth.month, birth.day))
+
+
+def age(ctx: Context, a: dict[str, Any]) -> Result:
+    """The patient's age in completed years meets the comparison."""
+    patient = ctx.record.patient
+    birth = getattr(patient, "birthDate", None) if patient is not None else None
+    if birth is None:
+        if not ctx.record.available("Patient"):
+            return unavailable(ctx, "Patient", "age")
+        return Result.not_known("age: no birth date")
+    years = age_years(birth, ctx.now)
+    ev = Evidence("Age", f"{years} years", "", ref(patient))
+    ok = OPS[a["op"]](years, float(a["value"]))
+    return Result.present([ev], value=years) if ok else Result.absent([ev])
+
+
+SEX_EXTENSION = "http://hl7.org/fhir/StructureDefinition/patient-sexParameterForClinicalUse"
+
+
+def sex(ctx: Context, a: dict[str, Any]) -> Result:
+    """Patient.gender (or the sex-parameter-for-clinical-use extension) is as asked."""
+    patient = ctx.record.patient
+    if patient is None:
+        if not ctx.record.available("Patient"):
+            return unavailable(ctx, "Patient", "sex")
+        return Result.not_known("sex: no Patient resource")
+    value = patient.gender
+    for ext in patient.extension or []:
+        if ext.url == SEX_EXTENSION:
+            for sub in ext.extension or []:
+                if sub.url == "value" and sub.valueCodeableConcept is not None:
+                    code = status_code(sub.valueCodeableConcept) or ""
+                    value = {"female-typical": "female", "male-typical": "male"}.get(code, value)
+    if value not in ("female", "male"):
+        return Result.not_known(f"sex: recorded as {value or 'nothing'}")
+    ev = Evidence("Sex", str(value), "", ref(patient))
+    return Result.present([ev]) if value == a["is"] else Result.absent([ev])
+
+
+def episode_onset(ctx: Context, vs: ValueSet) -> tuple[datetime | None, Evidence | None]:
+    """Start of the current episode: the intake onset date, else in-scope Condition dates."""
+    values, qr = latest_answers(ctx, "lbp-onset-date")
+    dates = [d for d in (as_datetime(v) for v in values) if d is not None]
+    if qr is not None and dates:
+        onset = max(dates)
+        return onset, Evidence("Intake answer: onset of this episode", day(onset),
+                               day(as_datetime(qr.authored)), ref(qr))
+    best: tuple[datetime, Evidence] | None = None
+    for c in ctx.record.coded("Condition", vs):
+        if status_code(c.verificationStatus) in IGNORED_VERIFICATION:
+            continue
+        if status_code(c.clinicalStatus) not in (None, *ACTIVE_CLINICAL):
+            continue
+        when = as_datetime(c.onsetDateTime) or as_datetime(
+            c.onsetPeriod.start if c.onsetPeriod else None) or as_datetime(c.recordedDate)
+        if when is not None and (best is None or when < best[0]):
+            best = (when, Evidence(f"Onset of {describe(match(c.code, vs))}", day(when),
+                                   "", ref(c)))
+    if best is None:
+        for order in ctx.reason_orders():
+            if any(match(cc, vs) for cc in getattr(order, "reasonCode", None) or []):
+                when = as_datetime(getattr(order, "authoredOn", None))
+                if when is not None:
+                    best = (when, Evidence("Draft order with a back-pain reason", day(when),
+                                           "", ref(order)))
+    return (best[0], best[1]) if best else (None, None)
+
+
+def symptom_duration(ctx: Context, a: dict[str, Any]) -> Result:
+    """The episode began ``days`` or more (op) before now."""
+    onset, ev = episode_onset(ctx, a["valueset"])
+    if onset is None or ev is None:
+        if not ctx.record.available("Condition"):
+            return unavailable(ctx, "Condition", a["label"])
+        return Result.not_known(f"{a['label']}: no onset date recorded",
+                                ask=["lbp-onset-date"])
+    days = (ctx.now - onset).total_seconds() / 86400
+    ev = Evidence(ev.what, f"{ev.value} ({int(days)} days ago)", ev.when, ev.reference)
+    return Result.present([ev], value=days) if OPS[a["op"]](days, float(a["days"])) \
+        else Result.absent([ev])
+
+
+# -- the order being judged ---------------------------------------------------------------------
+def order(ctx: Context, a: dict[str, Any]) -> Result:
+    """The judged draft order is in the value set (by code, else by its text)."""
+    vs: ValueSet = a["valueset"]
+    target = ctx.order
+    if target is None:
+        return Result.absent()
+    concept = getattr(target, "code", None) or getattr(target, "medicationCodeableConcept", None)
+    coding = match(concept, vs)
+    if coding is not None:
+        return Result.present([Evidence(f"Draft order: {describe(coding)}", "draft", "",
+                                        ref(target))])
+    texts = [getattr(concept, "text", None)] + [c.display for c in codings(concept)]
+    for text in texts:
+        if text and vs.matches_text(text):
+            return Result.present([Evidence(f"Draft order: {text!r} (matched by text: its codes "
+                                            "were not recognised)", "draft", "", ref(target))])
+    return Result.absent()
+
+
+def hook(ctx: Context, a: dict[str, Any]) -> Result:
+    """The hook being served."""
+    return Result.present([]) if ctx.hook == a["is"] else Result.absent()
+
+
+def parameter(ctx: Context, a: dict[str, Any]) -> Result:
+    """A site parameter has the given value."""
+    return Result.present([]) if ctx.knowledge.param("$" + a["name"]) == a["equals"] \
+        else Result.absent()
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A fact's function and the arguments it takes."""
+
+    fn: Callable[[Context, dict[str, Any]], Result]
+    required: frozenset[str]
+    optional: frozenset[str] = frozenset()
+
+
+def _f(fn: Callable[[Context, dict[str, Any]], Result], required: str, optional: str = ""
+       ) -> Fact:
+    return Fact(fn, frozenset(required.split()), frozenset(optional.split()))
+
+
+FACTS: dict[str, Fact] = {
+    "condition": _f(condition, "valueset", "status within_days"),
+    "finding": _f(finding, "valueset", "within_days"),
+    "observation_value": _f(observation_value, "valueset op value", "unit within_days"),
+    "lab_high": _f(lab_high, "valueset", "within_days"),
+    "lab_low": _f(lab_low, "valueset", "within_days"),
+    "lab_positive": _f(lab_positive, "valueset", "within_days value unit"),
+    "observation_recorded": _f(observation_recorded, "valueset", "within_days"),
+    "weight_loss": _f(weight_loss, "valueset percent", "within_days"),
+    "medication": _f(medication, "valueset", "status min_days within_days source"),
+    "procedure": _f(procedure, "valueset", "within_days"),
+    "service_request": _f(service_request, "valueset", "within_days status"),
+    "prior_imaging": _f(prior_imaging, "valueset", "within_days"),
+    "answer": _f(answer, "item", "equals op value within_days"),
+    "answer_date_within": _f(answer_date_within, "item days"),
+    "startback": _f(startback, "risk"),
+    "age": _f(age, "op value"),
+    "sex": _f(sex, "is"),
+    "symptom_duration": _f(symptom_duration, "valueset op days"),
+    "order": _f(order, "valueset"),
+    "hook": _f(hook, "is"),
+    "parameter": _f(parameter, "name equals"),
+}
+VALUESET_ARGS = {"valueset"}
+NUMBER_ARGS = {"within_days", "value", "min_days", "days", "percent"}

@@ -1,0 +1,592 @@
+"""One patient's FHIR data: from the request's prefetch first, else from the EHR's FHIR server.
+
+This is the only module that talks to a FHIR server or parses FHIR. Raw resources are indexed by
+code when the record is built; a resource is parsed with ``fhir.resources.R4B`` once, the first
+time a rule could use it (a record of thousands of resources costs only what the rules touch).
+A resource that fails to parse is skipped, counted, and reported by the facts that wanted it.
+
+Prefetch semantics (CDS Hooks 2.0 §Prefetch): a key sent as ``null`` means "no data"; a missing
+key or one holding an OperationOutcome is fetched from ``fhirServer`` with the bearer token from
+``fhirAuthorization``. Fetches run in parallel under one deadline and follow ``next`` links within
+a page budget. The access token is never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import orjson
+import requests
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from lbp_cds.errors import Issue, PreconditionFailed
+from lbp_cds.hooks import HookRequest
+from lbp_cds.knowledge import Service, ValueSet, normalize_code
+
+log = logging.getLogger(__name__)
+
+# Where each resource type carries the codes rules match on, and the date that places it in time.
+CODE_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "Condition": (("code",),),
+    "Observation": (("code",), ("valueCodeableConcept",), ("component", "code")),
+    "MedicationRequest": (("medicationCodeableConcept",),),
+    "Procedure": (("code",),),
+    "ServiceRequest": (("code",),),
+    "ImagingStudy": (("procedureCode",),),
+    "DiagnosticReport": (("code",),),
+}
+DATE_PATHS: dict[str, tuple[str, ...]] = {
+    "Observation": ("effectiveDateTime", "effectiveInstant", "effectivePeriod.start", "issued"),
+    "Condition": ("onsetDateTime", "onsetPeriod.start", "recordedDate"),
+    "Procedure": ("performedDateTime", "performedPeriod.start"),
+    "MedicationRequest": ("authoredOn",),
+    "ServiceRequest": ("authoredOn", "occurrenceDateTime"),
+    "ImagingStudy": ("started",),
+    "DiagnosticReport": ("effectiveDateTime", "effectivePeriod.start", "issued"),
+    "QuestionnaireResponse": ("authored",),
+}
+PATIENT_REFERENCE_FIELDS = ("subject", "patient")
+TEMPLATE_TYPE = re.compile(r"^([A-Z][A-Za-z]+)[/?]")
+
+
+@dataclass
+class KeyStatus:
+    """What became of one prefetch key."""
+
+    key: str
+    resource_type: str
+    state: str  # prefetched | fetched | null | unavailable
+    reason: str = ""
+    count: int = 0
+    pages: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class FetchPolicy:
+    """Limits on fetching from the EHR's FHIR server."""
+
+    connect_timeout: float = 2.0
+    read_timeout: float = 3.0
+    deadline: float = 4.0
+    max_pages: int = 20
+    max_resources: int = 20000
+    max_response_bytes: int = 20_000_000
+    parallelism: int = 8
+    allow_http: bool = True
+
+
+class PatientRecord:
+    """One patient's data, as the rules see it.
+
+    Args:
+        patient_id: the patient in context.
+        resources: raw resources by type.
+        unavailable: resource types that could not be obtained, with the reason.
+        draft_orders: raw draft orders of the hook context (order-select / order-sign).
+        statuses: what became of each prefetch key (for logs, metrics and tests).
+    """
+
+    def __init__(
+        self,
+        patient_id: str,
+        resources: dict[str, list[dict[str, Any]]],
+        unavailable: dict[str, str] | None = None,
+        draft_orders: list[dict[str, Any]] | None = None,
+        statuses: list[KeyStatus] | None = None,
+    ) -> None:
+        self.patient_id = patient_id
+        self._raw = resources
+        self.unavailable = dict(unavailable or {})
+        self.statuses = statuses or []
+        self.parse_failures: Counter[str] = Counter()
+        self._parsed: dict[int, Any] = {}
+        self._code_index: dict[str, dict[tuple[str, str], list[int]]] = {}
+        self._vs_cache: dict[tuple[str, str], list[int]] = {}
+        self._draft_raw = list(draft_orders or [])
+        for rtype, items in resources.items():
+            index: dict[tuple[str, str], list[int]] = {}
+            for pos, raw in enumerate(items):
+                for system, code in _raw_codings(rtype, raw):
+                    index.setdefault((system, normalize_code(system, code)), []).append(pos)
+            self._code_index[rtype] = index
+
+    # -- availability -------------------------------------------------------------------------
+    def available(self, resource_type: str) -> bool:
+        """Tell whether data of that type were obtained (possibly none: that is still data)."""
+        return resource_type not in self.unavailable
+
+    def missing_reason(self, resource_type: str) -> str:
+        """Why data of that type are not available ('' when they are)."""
+        return self.unavailable.get(resource_type, "")
+
+    def count(self, resource_type: str) -> int:
+        """Number of raw resources of that type."""
+        return len(self._raw.get(resource_type, ()))
+
+    @property
+    def total(self) -> int:
+        """Number of raw resources in the record."""
+        return sum(len(v) for v in self._raw.values())
+
+    # -- access -------------------------------------------------------------------------------
+    @property
+    def patient(self) -> Any | None:
+        """The Patient resource (parsed), or None."""
+        items = self.all("Patient")
+        return items[0] if items else None
+
+    def all(self, resource_type: str) -> list[Any]:
+        """Every parsable resource of a type."""
+        return self._parse_many(resource_type, range(self.count(resource_type)))
+
+    def coded(self, resource_type: str, valueset: ValueSet, since: datetime | None = None
+              ) -> list[Any]:
+        """Resources of a type carrying a code of the value set (in any coded element).
+
+        Args:
+            resource_type: e.g. ``Condition``.
+            valueset: the value set to match.
+            since: when given, drop resources whose date is known and earlier (before parsing).
+
+        Returns:
+            Parsed resources, in record order; those that failed to parse are counted and skipped.
+        """
+        key = (resource_type, valueset.id)
+        positions = self._vs_cache.get(key)
+        if positions is None:
+            found: set[int] = set()
+            for (system, code), where in self._code_index.get(resource_type, {}).items():
+                if valueset.contains(system, code):
+                    found.update(where)
+            positions = sorted(found)
+            self._vs_cache[key] = positions
+        if since is not None:
+            raws = self._raw[resource_type] if positions else []
+            positions = [p for p in positions if not _older_than(resource_type, raws[p], since)]
+        return self._parse_many(resource_type, positions)
+
+    def draft_orders(self) -> list[Any]:
+        """The draft orders of the hook context, parsed (unparsable ones counted and skipped)."""
+        out = []
+        for pos, raw in enumerate(self._draft_raw):
+            model = self._parse_one("draft", pos, raw)
+            if model is not None:
+                out.append(model)
+        return out
+
+    def by_reference(self, reference: str) -> Any | None:
+        """Resolve a relative or absolute reference (``Condition/12``) within the record."""
+        parts = reference.rstrip("/").split("/")
+        if len(parts) < 2:
+            return None
+        rtype, rid = parts[-2], parts[-1]
+        for pos, raw in enumerate(self._raw.get(rtype, [])):
+            if raw.get("id") == rid:
+                return self._parse_one(rtype, pos, raw)
+        return None
+
+    def _parse_many(self, resource_type: str, positions: Iterable[int]) -> list[Any]:
+        raws = self._raw.get(resource_type, [])
+        out = []
+        for pos in positions:
+            model = self._parse_one(resource_type, pos, raws[pos])
+            if model is not None:
+                out.append(model)
+        return out
+
+    def _parse_one(self, bucket: str, pos: int, raw: dict[str, Any]) -> Any | None:
+        key = id(raw)
+        if key in self._parsed:
+            return self._parsed[key]
+        try:
+            model = get_fhir_model_class(raw["resourceType"]).model_validate(raw)
+        except (ValidationError, KeyError, ValueError, TypeError) as exc:
+            self.parse_failures[str(raw.get("resourceType", bucket))] += 1
+            log.info("skipped an unparsable resource",
+                     extra={"resource_type": raw.get("resourceType"), "error": type(exc).__name__})
+            model = None
+        self._parsed[key] = model
+        return model
+
+
+def _raw_codings(resource_type: str, raw: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    for path in CODE_PATHS.get(resource_type, ()):
+        for concept in _walk(raw, path):
+            concepts = concept if isinstance(concept, list) else [concept]
+            for cc in concepts:
+                if not isinstance(cc, dict):
+                    continue
+                for coding in cc.get("coding") or ():
+                    if isinstance(coding, dict):
+                        system, code = coding.get("system"), coding.get("code")
+                        if isinstance(system, str) and isinstance(code, str):
+                            yield system, code
+
+
+def _walk(node: Any, path: tuple[str, ...]) -> Iterator[Any]:
+    if not path:
+        yield node
+        return
+    if isinstance(node, list):
+        for item in node:
+            yield from _walk(item, path)
+    elif isinstance(node, dict) and path[0] in node:
+        yield from _walk(node[path[0]], path[1:])
+
+
+def raw_date(resource_type: str, raw: dict[str, Any]) -> datetime | None:
+    """The first date of the resource's date paths, as an aware datetime (None if absent/bad)."""
+    for path in DATE_PATHS.get(resource_type, ()):
+        node: Any = raw
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, str):
+            parsed = parse_datetime(node)
+            if parsed is not None:
+                return parsed
+    return None
+
+
+def parse_datetime(text: str) -> datetime | None:
+    """Parse a FHIR date or dateTime (partial dates to their first instant, UTC if no zone)."""
+    try:
+        if len(text) == 4:
+            text = f"{text}-01-01"
+        elif len(text) == 7:
+            text = f"{text}-01"
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _older_than(resource_type: str, raw: dict[str, Any], since: datetime) -> bool:
+    when = raw_date(resource_type, raw)
+    return when is not None and when < since
+
+
+# -- building the record ----------------------------------------------------------------------
+def template_type(template: str) -> str:
+    """The resource type a prefetch template asks for (``Condition?patient=..`` -> Condition)."""
+    match = TEMPLATE_TYPE.match(template)
+    return match.group(1) if match else ""
+
+
+def resolve_template(template: str, request: HookRequest) -> str | None:
+    """Fill a prefetch template's tokens from the request; None if a token has no value."""
+    values: dict[str, str | None] = {
+        "context.patientId": request.patient_id,
+        "context.encounterId": request.encounter_id,
+        "context.userId": request.user_id,
+    }
+    user = request.user_id or ""
+    for kind in ("Practitioner", "PractitionerRole", "Patient", "RelatedPerson"):
+        values[f"user{kind}Id"] = user.split("/", 1)[1] if user.startswith(kind + "/") else None
+    missing = False
+
+    def fill(match: re.Match[str]) -> str:
+        nonlocal missing
+        value = values.get(match.group(1).strip())
+        if not value:
+            missing = True
+            return ""
+        return value
+
+    url = re.sub(r"\{\{\s*([^}]+?)\s*\}\}", fill, template)
+    return None if missing else url
+
+
+class FhirFetcher:
+    """Fetches what prefetch did not bring, from the EHR's FHIR server.
+
+    Args:
+        session: the shared ``requests.Session`` (pooled connections; swappable in tests).
+        policy: timeouts, deadline and budgets.
+        executor: the thread pool the fetches run on.
+    """
+
+    def __init__(self, session: requests.Session, policy: FetchPolicy,
+                 executor: ThreadPoolExecutor | None = None) -> None:
+        self.session = session
+        self.policy = policy
+        self.executor = executor or ThreadPoolExecutor(
+            max_workers=policy.parallelism, thread_name_prefix="fhir-fetch")
+
+    def fetch_all(self, base: str, token: str | None, urls: dict[str, str], deadline: float
+                  ) -> dict[str, tuple[list[dict[str, Any]] | None, KeyStatus]]:
+        """Fetch several prefetch keys in parallel under one deadline (a ``time.monotonic``).
+
+        Returns:
+            For each key: the resources (None when unobtainable) and its status.
+        """
+        futures: dict[Future[tuple[list[dict[str, Any]], int]], str] = {}
+        started = time.monotonic()
+        for key, url in urls.items():
+            futures[self.executor.submit(self._fetch_key, base, token, url, deadline)] = key
+        results: dict[str, tuple[list[dict[str, Any]] | None, KeyStatus]] = {}
+        pending = set(futures)
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
+            for fut in done:
+                key = futures[fut]
+                rtype = template_type(urls[key])
+                try:
+                    resources, pages = fut.result()
+                    results[key] = (resources, KeyStatus(
+                        key, rtype, "fetched", count=len(resources), pages=pages,
+                        seconds=time.monotonic() - started))
+                except FetchError as exc:
+                    results[key] = (None, KeyStatus(key, rtype, "unavailable", reason=str(exc),
+                                                    seconds=time.monotonic() - started))
+        for fut in pending:
+            fut.cancel()
+            key = futures[fut]
+            results[key] = (None, KeyStatus(key, template_type(urls[key]), "unavailable",
+                                            reason="the FHIR server did not answer in time",
+                                            seconds=time.monotonic() - started))
+        return results
+
+    def _fetch_key(self, base: str, token: str | None, url: str, deadline: float
+                   ) -> tuple[list[dict[str, Any]], int]:
+        rtype = template_type(url)
+        target = urljoin(base.rstrip("/") + "/", url)
+        resources: list[dict[str, Any]] = []
+        pages = 0
+        while target:
+            if pages >= self.policy.max_pages:
+                raise FetchError(f"more than {self.policy.max_pages} pages")
+            doc = self._get(target, token, deadline)
+            pages += 1
+            rt = doc.get("resourceType")
+            if rt == "OperationOutcome":
+                raise FetchError("the FHIR server answered with an OperationOutcome")
+            if rt == "Bundle":
+                for entry in doc.get("entry") or []:
+                    res = entry.get("resource") if isinstance(entry, dict) else None
+                    mode = (entry.get("search") or {}).get("mode") if isinstance(entry,
+                                                                                   dict) else None
+                    if isinstance(res, dict) and res.get("resourceType") == rtype and mode != (
+                            "outcome"):
+                        resources.append(res)
+                if len(resources) > self.policy.max_resources:
+                    raise FetchError(f"more than {self.policy.max_resources} resources")
+                target = _next_link(doc, base)
+            elif rt == rtype:
+                resources.append(doc)
+                target = ""
+            else:
+                raise FetchError(f"expected {rtype} or Bundle, got {rt!r}")
+        return resources, pages
+
+    def _get(self, url: str, token: str | None, deadline: float) -> dict[str, Any]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FetchError("the deadline passed")
+        headers = {"Accept": "application/fhir+json, application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        timeout = (min(self.policy.connect_timeout, remaining),
+                   min(self.policy.read_timeout, remaining))
+        try:
+            with self.session.get(url, headers=headers, timeout=timeout, stream=True,
+                                  allow_redirects=False) as resp:
+                if resp.status_code != 200:
+                    raise FetchError(f"the FHIR server answered HTTP {resp.status_code}")
+                body = bytearray()
+                for chunk in resp.iter_content(65536):
+                    body.extend(chunk)
+                    if len(body) > self.policy.max_response_bytes:
+                        raise FetchError("the FHIR response was larger than allowed")
+                    if time.monotonic() > deadline:
+                        raise FetchError("the deadline passed while reading")
+        except requests.RequestException as exc:
+            raise FetchError(f"the FHIR server could not be reached ({type(exc).__name__})"
+                             ) from None
+        try:
+            doc = orjson.loads(bytes(body))
+        except orjson.JSONDecodeError:
+            raise FetchError("the FHIR server sent something that is not JSON") from None
+        if not isinstance(doc, dict):
+            raise FetchError("the FHIR server sent JSON that is not a resource")
+        return doc
+
+
+class FetchError(Exception):
+    """A prefetch key could not be fetched; the message says why (never with the token)."""
+
+
+def _next_link(bundle: dict[str, Any], base: str) -> str:
+    for link in bundle.get("link") or []:
+        if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
+            url = str(link["url"])
+            # Follow only links on the FHIR server we were given: the token must not leave it.
+            if urlsplit(urljoin(base, url)).netloc == urlsplit(base).netloc:
+                return urljoin(base.rstrip("/") + "/", url)
+            raise FetchError("a next link pointed away from the FHIR server")
+    return ""
+
+
+def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | None,
+                policy: FetchPolicy) -> PatientRecord:
+    """Assemble the patient's record for a hook call.
+
+    Args:
+        request: the validated hook request.
+        service: the service being called (its prefetch templates and required keys).
+        fetcher: fetches missing keys; None disables fetching.
+        policy: limits (deadline, budgets).
+
+    Returns:
+        The record, with each key's status.
+
+    Raises:
+        PreconditionFailed: a required key could be neither prefetched nor fetched (412).
+    """
+    resources: dict[str, list[dict[str, Any]]] = {}
+    statuses: list[KeyStatus] = []
+    to_fetch: dict[str, str] = {}
+    patient_id = request.patient_id or ""
+    for key, template in service.prefetch.items():
+        rtype = template_type(template)
+        value = request.prefetch.get(key, _MISSING)
+        if value is None:
+            statuses.append(KeyStatus(key, rtype, "null"))
+            resources.setdefault(rtype, [])
+            continue
+        usable, next_url = _from_prefetch(value, rtype)
+        if usable is not None and not next_url:
+            kept = _same_patient(usable, patient_id)
+            resources.setdefault(rtype, []).extend(kept)
+            statuses.append(KeyStatus(key, rtype, "prefetched", count=len(kept)))
+            continue
+        if usable is not None and next_url:
+            # The EHR paged its prefetch: take what came, fetch the rest from the next link.
+            resources.setdefault(rtype, []).extend(_same_patient(usable, patient_id))
+            to_fetch[key] = next_url
+            continue
+        url = resolve_template(template, request)
+        if url is None:
+            statuses.append(KeyStatus(key, rtype, "unavailable",
+                                      reason="the template's context token has no value"))
+        else:
+            to_fetch[key] = url
+    unavailable: dict[str, str] = {}
+    if to_fetch:
+        reason = _cannot_fetch(request, fetcher, policy)
+        if reason:
+            for key, url in to_fetch.items():
+                statuses.append(KeyStatus(key, template_type(service.prefetch[key]),
+                                          "unavailable", reason=reason))
+        else:
+            assert fetcher is not None and request.fhir_server
+            token = request.fhir_authorization.access_token if request.fhir_authorization else None
+            deadline = time.monotonic() + policy.deadline
+            fetched = fetcher.fetch_all(request.fhir_server, token, to_fetch, deadline)
+            for key, (items, status) in fetched.items():
+                status.resource_type = template_type(service.prefetch[key])
+                statuses.append(status)
+                if items is not None:
+                    resources.setdefault(status.resource_type, []).extend(
+                        _same_patient(items, patient_id))
+    total = sum(len(v) for v in resources.values())
+    if total > policy.max_resources:
+        raise PreconditionFailed(
+            "the record is larger than this service accepts",
+            [Issue("prefetch", f"{total} resources exceed the limit of {policy.max_resources}",
+                   "too-costly")])
+    for status in statuses:
+        # Partial data stay usable as evidence of presence, but cannot show absence.
+        if status.state == "unavailable":
+            unavailable.setdefault(status.resource_type, status.reason)
+    missing = [s for s in statuses if s.state == "unavailable" and s.key in service.required]
+    if missing:
+        raise PreconditionFailed(
+            "data this service needs could not be obtained",
+            [Issue(f"prefetch.{s.key}",
+                   f"{s.key} ({service.prefetch[s.key]}) was not prefetched and could not be "
+                   f"fetched: {s.reason}", "not-found") for s in missing])
+    return PatientRecord(patient_id, resources, unavailable, request.draft_orders, statuses)
+
+
+_MISSING = object()
+
+
+def _from_prefetch(value: Any, rtype: str) -> tuple[list[dict[str, Any]] | None, str]:
+    """Read one prefetch value: (resources, next link) or (None, '') when it must be fetched."""
+    if not isinstance(value, dict):
+        return None, ""
+    kind = value.get("resourceType")
+    if kind == "OperationOutcome":
+        return None, ""
+    if kind == "Bundle":
+        items = [
+            e["resource"] for e in value.get("entry") or []
+            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+            and e["resource"].get("resourceType") == rtype
+            and (e.get("search") or {}).get("mode") != "outcome"
+        ]
+        next_url = ""
+        for link in value.get("link") or []:
+            if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
+                next_url = str(link["url"])
+        return items, next_url
+    if kind == rtype:
+        return [value], ""
+    return None, ""
+
+
+def _same_patient(items: list[dict[str, Any]], patient_id: str) -> list[dict[str, Any]]:
+    """Drop resources that name another patient (a mixed-up prefetch must not leak into cards)."""
+    kept = []
+    for raw in items:
+        if raw.get("resourceType") == "Patient":
+            if raw.get("id") in (patient_id, None):
+                kept.append(raw)
+            continue
+        ref = None
+        for fld in PATIENT_REFERENCE_FIELDS:
+            node = raw.get(fld)
+            if isinstance(node, dict) and isinstance(node.get("reference"), str):
+                ref = node["reference"]
+                break
+        if ref is None or ref.rstrip("/").split("/")[-2:] == ["Patient", patient_id]:
+            kept.append(raw)
+        else:
+            log.warning("dropped a prefetched resource that names another patient",
+                        extra={"resource_type": raw.get("resourceType")})
+    return kept
+
+
+def _cannot_fetch(request: HookRequest, fetcher: FhirFetcher | None, policy: FetchPolicy) -> str:
+    if fetcher is None:
+        return "fetching from the FHIR server is disabled"
+    if not request.fhir_server:
+        return "the request named no fhirServer"
+    scheme = urlsplit(request.fhir_server).scheme
+    if scheme not in ("https", "http") or (scheme == "http" and not policy.allow_http):
+        return "the fhirServer URL is not https"
+    return ""
+
+
+def record_from_resources(patient_id: str, items: Iterable[dict[str, Any]],
+                          unavailable: dict[str, str] | None = None,
+                          draft_orders: list[dict[str, Any]] | None = None) -> PatientRecord:
+    """Build a record straight from resources (scenario tests, ``lbp-cds evaluate``)."""
+    resources: dict[str, list[dict[str, Any]]] = {}
+    for raw in items:
+        resources.setdefault(str(raw.get("resourceType")), []).append(raw)
+    return PatientRecord(patient_id, resources, unavailable, draft_orders)

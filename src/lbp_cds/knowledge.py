@@ -1,0 +1,559 @@
+"""Load and cross-check the knowledge pack (``cds_services/``) once, at start-up.
+
+The format is documented in ``docs/knowledge-format.md``. Loading fails with a
+``KnowledgeError`` that names the file and the entry at fault; a service never starts on an
+inconsistent pack. Condition trees are compiled (and their facts checked) by ``rules.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lbp_cds.errors import KnowledgeError
+
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+EXTENSION_BASE = "https://lbp-cds.example.org/fhir/StructureDefinition/"
+TEXT_PATTERN_URL = EXTENSION_BASE + "order-text-pattern"
+PREFETCH_TOKEN = re.compile(r"\{\{\s*([^}]+?)\s*\}\}")
+ALLOWED_TOKENS = {
+    "context.patientId", "context.encounterId", "context.userId", "userPractitionerId",
+    "userPractitionerRoleId", "userPatientId", "userRelatedPersonId",
+}
+
+
+def normalize_code(system: str, code: str) -> str:
+    """Return the form a code is compared in: ICD-10-CM without its dot, upper case."""
+    if system == ICD10CM:
+        return code.replace(".", "").strip().upper()
+    return code.strip()
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A named threshold or setting, with where it comes from."""
+
+    name: str
+    value: Any
+    unit: str | None
+    source: str | None
+    note: str
+    convention: bool
+
+
+@dataclass(frozen=True)
+class Citation:
+    """A guideline a rule or card cites."""
+
+    id: str
+    label: str
+    url: str | None
+    topic: dict[str, str] | None
+
+
+@dataclass(frozen=True)
+class Orderable:
+    """Something a card may suggest ordering: a study, a lab, a referral."""
+
+    id: str
+    display: str
+    kind: str
+    codes: tuple[dict[str, str], ...]
+    modality: str | None = None
+    ionizing: bool = False
+
+
+@dataclass(frozen=True)
+class ValueSet:
+    """A value set reduced to what matching needs: exact codes and is-a prefixes per system."""
+
+    id: str
+    url: str
+    title: str
+    exact: Mapping[str, frozenset[str]]
+    prefixes: Mapping[str, tuple[str, ...]]
+    exclude_exact: Mapping[str, frozenset[str]]
+    exclude_prefixes: Mapping[str, tuple[str, ...]]
+    text_patterns: tuple[re.Pattern[str], ...] = ()
+
+    def contains(self, system: str | None, code: str | None) -> bool:
+        """Tell whether ``system|code`` is a member.
+
+        Args:
+            system: the code system URI.
+            code: the code (ICD-10-CM with or without its dot).
+
+        Returns:
+            True when included and not excluded.
+        """
+        if not system or not code:
+            return False
+        norm = normalize_code(system, code)
+        if norm in self.exclude_exact.get(system, ()):
+            return False
+        if norm.startswith(self.exclude_prefixes.get(system, ())):
+            return False
+        if norm in self.exact.get(system, ()):
+            return True
+        prefixes = self.prefixes.get(system)
+        return bool(prefixes) and norm.startswith(prefixes)
+
+    def matches_text(self, text: str | None) -> bool:
+        """Tell whether free text matches one of the value set's order-text patterns."""
+        return bool(text) and any(p.search(text or "") for p in self.text_patterns)
+
+
+@dataclass(frozen=True)
+class Service:
+    """One discovery entry: a service id served for one hook."""
+
+    id: str
+    hook: str
+    title: str
+    description: str
+    prefetch: Mapping[str, str]
+    required: tuple[str, ...]
+    usage_requirements: str | None = None
+    folder: str = ""
+
+    def discovery(self) -> dict[str, Any]:
+        """Return the discovery document entry (no empty fields)."""
+        entry: dict[str, Any] = {
+            "hook": self.hook,
+            "title": self.title,
+            "description": self.description,
+            "id": self.id,
+        }
+        if self.prefetch:
+            entry["prefetch"] = dict(self.prefetch)
+        if self.usage_requirements:
+            entry["usageRequirements"] = self.usage_requirements
+        return entry
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """A rule as written in ``rules.yaml`` (trees still raw; ``rules.py`` compiles them)."""
+
+    id: str
+    title: str
+    rationale: str
+    sources: tuple[str, ...]
+    hooks: tuple[str, ...]
+    category: str
+    indicator: str
+    when: Any
+    card: str
+    escalate: tuple[tuple[str, Any], ...] = ()
+    notes: tuple[tuple[str, Any], ...] = ()
+    silent_beside: tuple[str, ...] = ()
+    for_each_order: str | None = None
+    folder: str = ""
+
+
+@dataclass
+class Knowledge:
+    """The whole pack, loaded and cross-checked."""
+
+    root: Path
+    parameters: dict[str, Parameter]
+    citations: dict[str, Citation]
+    orderables: dict[str, Orderable]
+    override_system: str
+    override_reasons: dict[str, dict[str, str]]
+    valuesets: dict[str, ValueSet]
+    ingredient_map: dict[str, frozenset[str]]
+    questionnaire: dict[str, Any]
+    services: list[Service]
+    rules: list[RuleSpec]
+    cards: dict[str, dict[str, Any]]
+    categories: dict[str, dict[str, str]] = field(default_factory=dict)
+    valueset_use: set[str] = field(default_factory=set)
+
+    @property
+    def questionnaire_url(self) -> str:
+        """Canonical URL of the intake questionnaire."""
+        return str(self.questionnaire.get("url", ""))
+
+    def questionnaire_items(self) -> set[str]:
+        """Every linkId of the intake questionnaire."""
+        found: set[str] = set()
+        stack = list(self.questionnaire.get("item", []))
+        while stack:
+            item = stack.pop()
+            found.add(item.get("linkId", ""))
+            stack.extend(item.get("item", []))
+        return found
+
+    def services_with_id(self, service_id: str) -> list[Service]:
+        """Every discovery entry with that id (the same id may serve several hooks)."""
+        return [s for s in self.services if s.id == service_id]
+
+    def param(self, value: Any) -> Any:
+        """Resolve ``$name`` to the parameter's value; leave literals as they are.
+
+        Raises:
+            KnowledgeError: an unknown parameter name.
+        """
+        if isinstance(value, str) and value.startswith("$"):
+            name = value[1:]
+            if name not in self.parameters:
+                raise KnowledgeError(f"unknown parameter ${name}")
+            return self.parameters[name].value
+        return value
+
+    def medication_valueset(self, vs_id: str) -> ValueSet:
+        """The value set widened with the RxNorm products whose ingredients it holds.
+
+        EHRs order products (SCD/SBD), value sets list ingredients: the ConceptMap bridges them.
+        """
+        key = vs_id + "+products"
+        if key not in self.valuesets:
+            base = self.valueset(vs_id)
+            products = frozenset(
+                product for product, ingredients in self.ingredient_map.items()
+                if any(base.contains(RXNORM, i) for i in ingredients)
+            )
+            exact = dict(base.exact)
+            exact[RXNORM] = exact.get(RXNORM, frozenset()) | products
+            self.valuesets[key] = replace(base, id=key, exact=exact)
+        self.valueset_use.add(vs_id)
+        return self.valuesets[key]
+
+    def valueset(self, vs_id: str) -> ValueSet:
+        """Return a value set by id, recording that it is used.
+
+        Raises:
+            KnowledgeError: no such value set.
+        """
+        if vs_id not in self.valuesets:
+            raise KnowledgeError(f"unknown value set {vs_id!r}")
+        self.valueset_use.add(vs_id)
+        return self.valuesets[vs_id]
+
+
+def default_root() -> Path:
+    """Find the bundled pack: inside the installed package, else the checkout's folder."""
+    packaged = resources.files("lbp_cds").joinpath("cds_services")
+    if packaged.is_dir():
+        return Path(str(packaged))
+    checkout = Path(__file__).resolve().parents[2] / "cds_services"
+    if checkout.is_dir():
+        return checkout
+    raise KnowledgeError("no knowledge pack found: set LBP_CDS_KNOWLEDGE_DIR")
+
+
+def load(root: Path | None = None, parameters_file: Path | None = None) -> Knowledge:
+    """Load the knowledge pack.
+
+    Args:
+        root: the pack's folder (default: the bundled pack).
+        parameters_file: optional YAML of site overrides ``{parameters: {name: value}}``.
+
+    Returns:
+        The loaded pack; rule trees are checked by ``rules.RuleEngine``.
+
+    Raises:
+        KnowledgeError: naming the file and the entry at fault.
+    """
+    root = root or default_root()
+    if not root.is_dir():
+        raise KnowledgeError(f"knowledge folder {root} does not exist")
+    parameters = _load_parameters(root / "parameters.yaml")
+    if parameters_file:
+        _apply_overrides(parameters, parameters_file)
+    citations = _load_citations(root / "citations.yaml")
+    orderables = _load_orderables(root / "orderables.yaml")
+    categories = {
+        str(kind): {k: str(v) for k, v in coding.items() if k in ("system", "code", "display")}
+        for kind, coding in (_yaml(root / "orderables.yaml").get("categories") or {}).items()
+    }
+    override_doc = _yaml(root / "override-reasons.yaml")
+    override_system = str(override_doc.get("system", ""))
+    override_reasons = {
+        rid: {"system": str(r.get("system", override_system)), "code": str(r.get("code", rid)),
+              "display": str(r["display"])}
+        for rid, r in (override_doc.get("reasons") or {}).items()
+    }
+    valuesets = {p.stem: _load_valueset(p) for p in sorted((root / "valuesets").glob("*.json"))}
+    ingredient_map = _load_conceptmap(root / "conceptmaps" / "rxnorm-product-ingredient.json")
+    questionnaire = _json(root / "questionnaires" / "lbp-intake.json")
+    services: list[Service] = []
+    rules: list[RuleSpec] = []
+    cards: dict[str, dict[str, Any]] = {}
+    for folder in sorted(p for p in root.iterdir() if (p / "service.yaml").is_file()):
+        services.extend(_load_services(folder))
+        if (folder / "rules.yaml").is_file():
+            rules.extend(_load_rules(folder))
+        if (folder / "cards.yaml").is_file():
+            for card_id, card in (_yaml(folder / "cards.yaml").get("cards") or {}).items():
+                if card_id in cards:
+                    raise KnowledgeError(f"{folder.name}/cards.yaml: card {card_id} defined twice")
+                cards[card_id] = card
+    knowledge = Knowledge(
+        root=root, parameters=parameters, citations=citations, orderables=orderables,
+        override_system=override_system, override_reasons=override_reasons,
+        valuesets=valuesets, ingredient_map=ingredient_map, questionnaire=questionnaire,
+        services=services, rules=rules, cards=cards, categories=categories,
+    )
+    _cross_check(knowledge)
+    return knowledge
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KnowledgeError(f"{path} is missing") from None
+    except yaml.YAMLError as exc:
+        raise KnowledgeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise KnowledgeError(f"{path}: expected a mapping at the top")
+    return doc
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KnowledgeError(f"{path} is missing") from None
+    except json.JSONDecodeError as exc:
+        raise KnowledgeError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise KnowledgeError(f"{path}: expected a JSON object")
+    return doc
+
+
+def _load_parameters(path: Path) -> dict[str, Parameter]:
+    out: dict[str, Parameter] = {}
+    for name, spec in (_yaml(path).get("parameters") or {}).items():
+        if not isinstance(spec, dict) or "value" not in spec:
+            raise KnowledgeError(f"{path.name}: parameter {name} needs a value")
+        out[name] = Parameter(
+            name=name, value=spec["value"], unit=spec.get("unit"), source=spec.get("source"),
+            note=str(spec.get("note", "")), convention=bool(spec.get("convention", False)),
+        )
+    return out
+
+
+def _apply_overrides(parameters: dict[str, Parameter], path: Path) -> None:
+    doc = _yaml(path)
+    for name, value in (doc.get("parameters") or {}).items():
+        if name not in parameters:
+            raise KnowledgeError(f"{path}: unknown parameter {name}")
+        old = parameters[name]
+        if type(value) is not type(old.value) and not (
+            isinstance(value, int | float) and isinstance(old.value, int | float)
+        ):
+            raise KnowledgeError(f"{path}: parameter {name} must be like {old.value!r}")
+        parameters[name] = Parameter(name, value, old.unit, old.source,
+                                     f"{old.note} (site override)".strip(), old.convention)
+
+
+def _load_citations(path: Path) -> dict[str, Citation]:
+    out = {}
+    for cid, spec in (_yaml(path).get("citations") or {}).items():
+        if not spec.get("label"):
+            raise KnowledgeError(f"{path.name}: citation {cid} needs a label")
+        out[cid] = Citation(cid, str(spec["label"]), spec.get("url"), spec.get("topic"))
+    return out
+
+
+def _load_orderables(path: Path) -> dict[str, Orderable]:
+    out = {}
+    for oid, spec in (_yaml(path).get("orderables") or {}).items():
+        codes = tuple(
+            {k: str(v) for k, v in c.items() if k in ("system", "code", "display")}
+            for c in spec.get("codes") or []
+        )
+        if not codes or not spec.get("display"):
+            raise KnowledgeError(f"{path.name}: orderable {oid} needs display and codes")
+        out[oid] = Orderable(oid, str(spec["display"]), str(spec.get("kind", "imaging")), codes,
+                             spec.get("modality"), bool(spec.get("ionizing", False)))
+    return out
+
+
+def _split_include(
+    path: Path, includes: Iterable[dict[str, Any]]
+) -> tuple[dict[str, frozenset[str]], dict[str, tuple[str, ...]]]:
+    exact: dict[str, set[str]] = {}
+    prefixes: dict[str, set[str]] = {}
+    for inc in includes:
+        system = inc.get("system")
+        if not system:
+            raise KnowledgeError(f"{path.name}: include without system")
+        for concept in inc.get("concept", []):
+            exact.setdefault(system, set()).add(normalize_code(system, str(concept["code"])))
+        for flt in inc.get("filter", []):
+            if flt.get("op") != "is-a" or flt.get("property") != "concept":
+                raise KnowledgeError(f"{path.name}: only 'concept is-a' filters are supported")
+            if system != ICD10CM:
+                raise KnowledgeError(
+                    f"{path.name}: is-a filters are read as code prefixes, which is right only "
+                    f"for ICD-10-CM; list the {system} concepts instead")
+            value = normalize_code(system, str(flt["value"]))
+            prefixes.setdefault(system, set()).add(value)
+    return (
+        {s: frozenset(c) for s, c in exact.items()},
+        {s: tuple(sorted(p)) for s, p in prefixes.items()},
+    )
+
+
+def _load_valueset(path: Path) -> ValueSet:
+    doc = _json(path)
+    if doc.get("resourceType") != "ValueSet":
+        raise KnowledgeError(f"{path.name}: not a ValueSet")
+    if doc.get("id") != path.stem:
+        raise KnowledgeError(f"{path.name}: id {doc.get('id')!r} differs from the file name")
+    compose = doc.get("compose") or {}
+    exact, prefixes = _split_include(path, compose.get("include", []))
+    ex_exact, ex_prefixes = _split_include(path, compose.get("exclude", []))
+    patterns = []
+    for ext in doc.get("extension", []):
+        if ext.get("url") == TEXT_PATTERN_URL:
+            try:
+                patterns.append(re.compile(ext["valueString"], re.IGNORECASE))
+            except re.error as exc:
+                raise KnowledgeError(f"{path.name}: bad order-text-pattern: {exc}") from None
+    if not exact and not prefixes:
+        raise KnowledgeError(f"{path.name}: the value set has no codes")
+    return ValueSet(path.stem, str(doc.get("url", "")), str(doc.get("title", path.stem)),
+                    exact, prefixes, ex_exact, ex_prefixes, tuple(patterns))
+
+
+def _load_conceptmap(path: Path) -> dict[str, frozenset[str]]:
+    doc = _json(path)
+    mapping: dict[str, set[str]] = {}
+    for group in doc.get("group", []):
+        for element in group.get("element", []):
+            targets = {str(t["code"]) for t in element.get("target", []) if t.get("code")}
+            mapping.setdefault(str(element["code"]), set()).update(targets)
+    return {k: frozenset(v) for k, v in mapping.items()}
+
+
+def _load_services(folder: Path) -> list[Service]:
+    out = []
+    for spec in _yaml(folder / "service.yaml").get("services") or []:
+        for key in ("id", "hook", "description"):
+            if not spec.get(key):
+                raise KnowledgeError(f"{folder.name}/service.yaml: a service lacks {key}")
+        prefetch = {str(k): str(v) for k, v in (spec.get("prefetch") or {}).items()}
+        required = tuple(spec.get("required") or ())
+        for key in required:
+            if key not in prefetch:
+                raise KnowledgeError(
+                    f"{folder.name}/service.yaml: required key {key} has no prefetch template")
+        for key, template in prefetch.items():
+            for token in PREFETCH_TOKEN.findall(template):
+                if token not in ALLOWED_TOKENS:
+                    raise KnowledgeError(
+                        f"{folder.name}/service.yaml: prefetch {key} uses token {{{{{token}}}}}, "
+                        "which CDS Hooks 2.0 does not define")
+        out.append(Service(
+            id=str(spec["id"]), hook=str(spec["hook"]), title=str(spec.get("title", "")),
+            description=str(spec["description"]), prefetch=prefetch, required=required,
+            usage_requirements=spec.get("usageRequirements"), folder=folder.name,
+        ))
+    return out
+
+
+def _load_rules(folder: Path) -> list[RuleSpec]:
+    out = []
+    for spec in _yaml(folder / "rules.yaml").get("rules") or []:
+        rid = spec.get("id", "?")
+        for key in ("id", "title", "rationale", "sources", "hooks", "category", "indicator",
+                    "when", "card"):
+            if key not in spec:
+                raise KnowledgeError(f"{folder.name}/rules.yaml: rule {rid} lacks {key}")
+        out.append(RuleSpec(
+            id=str(spec["id"]), title=str(spec["title"]), rationale=str(spec["rationale"]),
+            sources=tuple(spec["sources"]), hooks=tuple(spec["hooks"]),
+            category=str(spec["category"]), indicator=str(spec["indicator"]),
+            when=spec["when"], card=str(spec["card"]),
+            escalate=tuple((str(e["indicator"]), e["when"]) for e in spec.get("escalate") or []),
+            notes=tuple((str(n["id"]), n["when"]) for n in spec.get("notes") or []),
+            silent_beside=tuple(spec.get("silent_beside") or ()),
+            for_each_order=spec.get("for_each_order"), folder=folder.name,
+        ))
+    return out
+
+
+INDICATORS = ("info", "warning", "critical")
+
+
+def _cross_check(k: Knowledge) -> None:
+    seen: set[str] = set()
+    for rule in k.rules:
+        where = f"{rule.folder}/rules.yaml rule {rule.id}"
+        if rule.id in seen:
+            raise KnowledgeError(f"{where}: duplicate rule id")
+        seen.add(rule.id)
+        if rule.card not in k.cards:
+            raise KnowledgeError(f"{where}: card {rule.card} is not defined")
+        for source in rule.sources:
+            if source not in k.citations:
+                raise KnowledgeError(f"{where}: source {source} is not in citations.yaml")
+        for indicator in (rule.indicator, *[i for i, _ in rule.escalate], *rule.silent_beside):
+            if indicator not in INDICATORS:
+                raise KnowledgeError(f"{where}: indicator {indicator!r} is not one of {INDICATORS}")
+        if rule.for_each_order:
+            k.valueset(rule.for_each_order)
+        card = k.cards[rule.card]
+        for note_id, _ in rule.notes:
+            if note_id not in (card.get("notes") or {}):
+                raise KnowledgeError(f"{where}: note {note_id} has no text in card {rule.card}")
+    for card_id, card in k.cards.items():
+        _check_card(k, card_id, card)
+    hooks_served = {s.hook for s in k.services}
+    for rule in k.rules:
+        if not set(rule.hooks) & hooks_served:
+            raise KnowledgeError(f"rule {rule.id}: no service serves its hooks {rule.hooks}")
+
+
+def _check_card(k: Knowledge, card_id: str, card: dict[str, Any]) -> None:
+    where = f"card {card_id}"
+    summaries = [card.get("summary", ""), *(card.get("summary_by_indicator") or {}).values()]
+    for summary in summaries:
+        if not summary or len(summary) >= 140:
+            raise KnowledgeError(f"{where}: summary must be 1 to 139 characters: {summary!r}")
+    if card.get("source") not in k.citations:
+        raise KnowledgeError(f"{where}: source {card.get('source')!r} is not a citation")
+    suggestions = card.get("suggestions") or []
+    if suggestions and card.get("selectionBehavior") not in ("at-most-one", "any"):
+        raise KnowledgeError(f"{where}: suggestions need selectionBehavior at-most-one or any")
+    if card.get("selectionBehavior") == "at-most-one" and sum(
+        1 for s in suggestions if s.get("isRecommended")
+    ) > 1:
+        raise KnowledgeError(f"{where}: at most one suggestion may be recommended")
+    for suggestion in suggestions:
+        if not suggestion.get("label"):
+            raise KnowledgeError(f"{where}: a suggestion lacks a label")
+        for action in suggestion.get("actions") or []:
+            kind = action.get("type")
+            if kind not in ("create", "update", "delete") or not action.get("description"):
+                raise KnowledgeError(f"{where}: action needs type and description: {action}")
+            if kind == "create" and action.get("orderable") not in k.orderables:
+                raise KnowledgeError(f"{where}: unknown orderable {action.get('orderable')!r}")
+            if kind == "update" and action.get("orderable") not in k.orderables:
+                raise KnowledgeError(f"{where}: update needs a known orderable")
+            if kind in ("update", "delete") and action.get("target") != "judged-order":
+                raise KnowledgeError(f"{where}: {kind} must target judged-order")
+            if action.get("priority", "routine") not in ("routine", "urgent", "asap", "stat"):
+                raise KnowledgeError(f"{where}: bad priority {action.get('priority')!r}")
+    for reason in card.get("overrideReasons") or []:
+        if reason not in k.override_reasons:
+            raise KnowledgeError(f"{where}: unknown override reason {reason!r}")
+    for link in card.get("links") or []:
+        if "citation" in link:
+            if link["citation"] not in k.citations:
+                raise KnowledgeError(f"{where}: link to unknown citation {link['citation']!r}")
+        elif not (link.get("label") and str(link.get("url", "")).startswith("http")):
+            raise KnowledgeError(f"{where}: a link needs a label and an absolute url")

@@ -1,0 +1,52 @@
+"""Checks of the knowledge pack beyond what loading enforces (``lbp-cds check-knowledge``)."""
+
+from __future__ import annotations
+
+from lbp_cds.knowledge import EXTENSION_BASE, Knowledge
+
+VERIFICATION_URL = EXTENSION_BASE + "code-verification"
+PROVENANCE_EXTENSIONS = ("valueset-source", "valueset-inclusion-criteria",
+                         "valueset-exclusion-criteria")
+ENGINE_VALUESETS = {"observation-positive", "observation-negative"}
+
+
+def lint(k: Knowledge) -> list[str]:
+    """Problems a reviewer must fix: unused value sets, missing provenance, unused cards.
+
+    Call after ``rules.RuleEngine(k)`` has compiled the rules (it records value set use).
+    """
+    import json
+
+    problems = []
+    unused = set(k.valuesets) - k.valueset_use - ENGINE_VALUESETS
+    unused = {u for u in unused if not u.endswith("+products")}
+    problems += [f"value set {u} is not used by any rule" for u in sorted(unused)]
+    used_cards = {r.card for r in k.rules}
+    problems += [f"card {c} is not used by any rule" for c in sorted(set(k.cards) - used_cards)]
+    for vs_id in sorted(k.valuesets):
+        if vs_id.endswith("+products"):
+            continue
+        doc = json.loads((k.root / "valuesets" / f"{vs_id}.json").read_text(encoding="utf-8"))
+        for key in ("url", "version", "date", "publisher", "description", "status"):
+            if not doc.get(key):
+                problems.append(f"value set {vs_id} lacks {key}")
+        urls = {e.get("url") for e in doc.get("extension", [])}
+        for name in PROVENANCE_EXTENSIONS:
+            if EXTENSION_BASE + name not in urls:
+                problems.append(f"value set {vs_id} lacks the {name} extension")
+        for inc in (doc.get("compose") or {}).get("include", []):
+            tagged_include = any(e.get("url") == VERIFICATION_URL
+                                 for e in inc.get("extension", []))
+            for concept in inc.get("concept", []):
+                if not tagged_include and not any(e.get("url") == VERIFICATION_URL
+                                                  for e in concept.get("extension", [])):
+                    problems.append(f"value set {vs_id}: {concept.get('code')} has no "
+                                    "verification tag")
+            if inc.get("filter") and not tagged_include:
+                problems.append(f"value set {vs_id}: a filter include has no verification tag")
+    for name, p in sorted(k.parameters.items()):
+        if not p.source:
+            problems.append(f"parameter {name} has no source")
+        elif p.source not in k.citations:
+            problems.append(f"parameter {name}: source {p.source} is not a citation")
+    return problems

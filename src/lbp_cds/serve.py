@@ -1,0 +1,78 @@
+"""Production serving under gunicorn (threaded workers), started by ``lbp-cds serve``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask
+from gunicorn.app.base import BaseApplication
+
+from lbp_cds.config import Settings
+from lbp_cds.observability import configure_logging
+
+log = logging.getLogger(__name__)
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+class GunicornApp(BaseApplication):  # type: ignore[misc]
+    """gunicorn running ``create_app(settings)`` in each worker.
+
+    Args:
+        settings: the service settings (bind address, workers, threads, timeouts).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        super().__init__()
+
+    def load_config(self) -> None:
+        s = self.settings
+        options = {
+            "bind": f"{s.host}:{s.port}",
+            "workers": s.workers,
+            "threads": s.threads,
+            "worker_class": "gthread",
+            "graceful_timeout": s.graceful_timeout_seconds,
+            "timeout": max(30, int(s.fhir_deadline_seconds * 3)),
+            "keepalive": 5,
+            "accesslog": None,
+            "errorlog": "-",
+            "loglevel": s.log_level.lower(),
+            "child_exit": _child_exit,
+            "proc_name": "lbp-cds",
+        }
+        for key, value in options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Flask:
+        from lbp_cds import create_app
+
+        configure_logging(self.settings.log_level)
+        return create_app(self.settings)
+
+
+def run(settings: Settings) -> int:
+    """Check that the application builds, then serve it until SIGTERM/SIGINT.
+
+    Returns:
+        The process exit code.
+    """
+    from lbp_cds import create_app
+
+    configure_logging(settings.log_level)
+    app = create_app(settings)  # fail here, with a clear message, rather than in every worker
+    app.extensions["lbp_cds"].store.engine.dispose()
+    if settings.dev:
+        log.warning("=" * 60)
+        log.warning("lbp-cds is running WITHOUT client authentication (--dev)")
+        log.warning("=" * 60)
+    log.info("serving", extra={"bind": f"{settings.host}:{settings.port}",
+                               "workers": settings.workers, "threads": settings.threads})
+    GunicornApp(settings).run()
+    return 0

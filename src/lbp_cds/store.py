@@ -1,0 +1,252 @@
+"""Issued cards, feedback and the JWT replay cache (SQLAlchemy Core).
+
+SQLite file by default; any SQLAlchemy URL (PostgreSQL for several replicas). The schema is
+created on start (``Store.create``), and is additive so that older replicas keep working while a
+newer one starts. Nothing here identifies a patient: cards are kept by uuid, rule, indicator,
+service and hookInstance; feedback by card uuid, outcome, suggestion uuids and the coded override
+reason. A clinician's free-text override comment may name the patient, so it is not stored (only
+whether there was one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import StaticPool
+
+from lbp_cds.cards import IssuedCard
+from lbp_cds.hooks import Feedback
+
+metadata = MetaData()
+
+issued_cards = Table(
+    "issued_cards", metadata,
+    Column("card_uuid", String(64), primary_key=True),
+    Column("service_id", String(128), nullable=False),
+    Column("rule_id", String(64), nullable=False, index=True),
+    Column("indicator", String(16), nullable=False),
+    Column("hook_instance", String(128), nullable=False),
+    Column("suggestion_uuids", Text, nullable=False, default=""),
+    Column("issued_at", DateTime(timezone=True), nullable=False),
+)
+
+feedback = Table(
+    "feedback", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("dedupe_key", String(64), nullable=False, unique=True),
+    Column("card_uuid", String(64), nullable=False, index=True),
+    Column("outcome", String(16), nullable=False),
+    Column("accepted_suggestions", Text, nullable=False, default=""),
+    Column("override_system", String(256)),
+    Column("override_code", String(128)),
+    Column("override_display", String(256)),
+    Column("has_comment", Boolean, nullable=False, default=False),
+    Column("outcome_at", DateTime(timezone=True), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+jwt_replay = Table(
+    "jwt_replay", metadata,
+    Column("key_hash", String(64), primary_key=True),
+    Column("expires_at", Float, nullable=False, index=True),
+)
+
+
+@dataclass(frozen=True)
+class StoredCard:
+    """What the store knows of an issued card."""
+
+    card_uuid: str
+    service_id: str
+    rule_id: str
+    indicator: str
+    suggestion_uuids: tuple[str, ...]
+
+
+class Store:
+    """The service's persistent state.
+
+    Args:
+        url: a SQLAlchemy database URL.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {"future": True, "pool_pre_ping": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            if url in ("sqlite://", "sqlite:///:memory:"):
+                kwargs["poolclass"] = StaticPool
+        self.engine: Engine = create_engine(url, **kwargs)
+        self._last_purge = 0.0
+
+    def create(self) -> None:
+        """Create the tables that do not exist yet (safe to run from several processes)."""
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        try:
+            metadata.create_all(self.engine, checkfirst=True)
+        except IntegrityError:
+            # Two replicas raced to create the same table (PostgreSQL type catalog): the other won.
+            metadata.create_all(self.engine, checkfirst=True)
+
+    def ping(self) -> bool:
+        """Tell whether the database answers."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:  # noqa: BLE001 - readiness reports any failure as not ready
+            return False
+
+    # -- issued cards ---------------------------------------------------------------------------
+    def record_issued(self, service_id: str, hook_instance: str, cards: Iterable[IssuedCard],
+                      now: datetime | None = None) -> None:
+        """Keep a row per issued card (no patient data)."""
+        when = now or datetime.now(timezone.utc)
+        rows = [{
+            "card_uuid": c.card["uuid"], "service_id": service_id, "rule_id": c.rule_id,
+            "indicator": c.indicator, "hook_instance": hook_instance,
+            "suggestion_uuids": ",".join(c.suggestion_uuids), "issued_at": when,
+        } for c in cards]
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(insert(issued_cards), rows)
+
+    def card(self, card_uuid: str) -> StoredCard | None:
+        """Look up an issued card by uuid."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(issued_cards).where(
+                issued_cards.c.card_uuid == card_uuid)).mappings().first()
+        if row is None:
+            return None
+        return StoredCard(row["card_uuid"], row["service_id"], row["rule_id"], row["indicator"],
+                          tuple(s for s in row["suggestion_uuids"].split(",") if s))
+
+    # -- feedback -------------------------------------------------------------------------------
+    def record_feedback(self, items: Iterable[Feedback], now: datetime | None = None
+                        ) -> tuple[int, int]:
+        """Store feedback idempotently.
+
+        Returns:
+            (new rows, duplicates ignored).
+        """
+        when = now or datetime.now(timezone.utc)
+        new = dup = 0
+        for item in items:
+            reason = item.override_reason or {}
+            row = {
+                "dedupe_key": _dedupe_key(item),
+                "card_uuid": item.card,
+                "outcome": item.outcome,
+                "accepted_suggestions": ",".join(item.accepted_suggestions),
+                "override_system": reason.get("system"),
+                "override_code": reason.get("code"),
+                "override_display": reason.get("display"),
+                "has_comment": bool(item.override_comment),
+                "outcome_at": item.outcome_timestamp,
+                "received_at": when,
+            }
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(feedback), [row])
+                new += 1
+            except IntegrityError:
+                dup += 1
+        return new, dup
+
+    def feedback_report(self) -> list[dict[str, Any]]:
+        """Acceptance and override rates per rule, with override reasons."""
+        with self.engine.connect() as conn:
+            issued = dict(conn.execute(
+                select(issued_cards.c.rule_id, func.count()).group_by(issued_cards.c.rule_id)
+            ).all())
+            rows = conn.execute(
+                select(issued_cards.c.rule_id, feedback.c.outcome, feedback.c.override_code,
+                       feedback.c.override_display, feedback.c.card_uuid)
+                .join(feedback, feedback.c.card_uuid == issued_cards.c.card_uuid)
+            ).all()
+        report: dict[str, dict[str, Any]] = {}
+        for rule_id, count in issued.items():
+            report[rule_id] = {"rule": rule_id, "issued": count, "accepted": 0,
+                               "overridden": 0, "reasons": {}}
+        seen: dict[tuple[str, str], str] = {}
+        for rule_id, outcome, code, display, card_uuid in rows:
+            # A card counts once per outcome however often the client re-sent its feedback.
+            if (card_uuid, outcome) in seen:
+                continue
+            seen[(card_uuid, outcome)] = outcome
+            entry = report[rule_id]
+            entry[outcome] += 1
+            if outcome == "overridden":
+                label = display or code or "no coded reason"
+                entry["reasons"][label] = entry["reasons"].get(label, 0) + 1
+        for entry in report.values():
+            n = entry["issued"]
+            entry["acceptance_rate"] = round(entry["accepted"] / n, 3) if n else 0.0
+            entry["override_rate"] = round(entry["overridden"] / n, 3) if n else 0.0
+        return sorted(report.values(), key=lambda e: e["rule"])
+
+    def count(self, table: str) -> int:
+        """Rows in a table (tests, readiness)."""
+        tbl = metadata.tables[table]
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(tbl)).scalar_one())
+
+    # -- JWT replay cache -----------------------------------------------------------------------
+    def claim(self, key: str, expires_at: float) -> bool:
+        """Remember a JWT id until it expires; False if it was seen before (a replay)."""
+        now = time.time()
+        if now - self._last_purge > 60:
+            self._last_purge = now
+            with self.engine.begin() as conn:
+                conn.execute(delete(jwt_replay).where(jwt_replay.c.expires_at < now))
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(jwt_replay), [{"key_hash": digest,
+                                                    "expires_at": expires_at}])
+            return True
+        except IntegrityError:
+            with self.engine.begin() as conn:
+                stale = conn.execute(delete(jwt_replay).where(
+                    (jwt_replay.c.key_hash == digest) & (jwt_replay.c.expires_at < now)))
+            if stale.rowcount:
+                return self.claim(key, expires_at)
+            return False
+
+
+def _dedupe_key(item: Feedback) -> str:
+    doc = {
+        "card": item.card, "outcome": item.outcome,
+        "accepted": sorted(item.accepted_suggestions),
+        "reason": item.override_reason, "comment": item.override_comment,
+        "at": item.outcome_timestamp.isoformat(),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,188 @@
+"""The rule engine over the mini knowledge pack: three-valued logic, references, escalation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lbp_cds import knowledge
+from lbp_cds.errors import KnowledgeError
+from lbp_cds.fhir_data import record_from_resources
+from lbp_cds.rules import RuleEngine, RuleMatch
+from tests.builders import (
+    condition,
+    imaging_order,
+    medication,
+    observation,
+    patient,
+    questionnaire_response,
+)
+from tests.conftest import MINI, NOW
+
+
+@pytest.fixture(scope="module")
+def engine() -> RuleEngine:
+    return RuleEngine(knowledge.load(MINI))
+
+
+def run(engine: RuleEngine, resources: list[dict[str, Any]], hook: str = "patient-view",
+        orders: list[dict[str, Any]] | None = None,
+        unavailable: dict[str, str] | None = None) -> list[RuleMatch]:
+    record = record_from_resources("p1", [patient(), *resources], unavailable, orders)
+    service = next(s for s in engine.knowledge.services if s.hook == hook)
+    return engine.evaluate(service, record, NOW, record.draft_orders())
+
+
+def fired(matches: list[RuleMatch]) -> list[tuple[str, str]]:
+    return [(m.rule.id, m.indicator) for m in matches]
+
+
+def test_uncomplicated_back_pain_gets_conservative_care_with_unknowns_listed(engine):
+    matches = run(engine, [condition("M54.41")])
+    assert fired(matches) == [("CC", "info")]
+    cc = matches[0]
+    # The red flags could not be assessed: the card says so instead of claiming they are absent.
+    assert any("saddle numbness" in u for u in cc.not_checked)
+    assert "ces-saddle" in cc.ask
+
+
+def test_red_flag_from_the_intake_is_critical_and_silences_conservative_care(engine):
+    matches = run(engine, [condition("M54.41"), questionnaire_response({"ces-saddle": True})])
+    assert fired(matches) == [("RF", "critical")]
+
+
+def test_red_flag_denied_in_the_intake_leaves_conservative_care_without_that_unknown(engine):
+    matches = run(engine, [condition("M54.41"), questionnaire_response({"ces-saddle": False})])
+    assert fired(matches) == [("CC", "info")]
+    assert not any("saddle" in u for u in matches[0].not_checked if "intake" in u)
+
+
+def test_refuted_and_entered_in_error_conditions_are_ignored(engine):
+    matches = run(engine, [condition("M54.41"),
+                           condition("G83.4", rid="c2", verification="refuted"),
+                           condition("G83.4", rid="c3", verification="entered-in-error")])
+    assert ("RF", "critical") not in fired(matches)
+
+
+def test_resolved_condition_is_not_active(engine):
+    assert fired(run(engine, [condition("M54.41", clinical="resolved")])) == []
+
+
+def test_out_of_scope_patient_gets_no_card(engine):
+    assert fired(run(engine, [condition("I10")])) == []
+
+
+def test_fever_in_fahrenheit_is_converted_and_crp_escalates(engine):
+    temp = observation("8310-5", 101.5, "[degF]")
+    assert ("FEV", "warning") in fired(run(engine, [condition("M54.41"), temp]))
+    crp = observation("1988-5", 42, "mg/L", rid="o2",
+                      interpretation=[{"coding": [{"code": "H"}]}])
+    assert ("FEV", "critical") in fired(run(engine, [condition("M54.41"), temp, crp]))
+
+
+def test_temperature_below_threshold_is_absent_not_unknown(engine):
+    matches = run(engine, [condition("M54.41"), observation("8310-5", 37.6)])
+    assert fired(matches) == [("CC", "info")]
+    assert not any("temperature" in u for u in matches[0].not_checked)
+
+
+def test_old_temperature_outside_window_is_unknown(engine):
+    matches = run(engine, [condition("M54.41"),
+                           observation("8310-5", 39.0, when="2026-02-01T10:00:00Z")])
+    assert fired(matches) == [("CC", "info")]
+    assert any("temperature" in u for u in matches[0].not_checked)
+
+
+def test_unavailable_observations_are_unknown_with_the_reason(engine):
+    matches = run(engine, [condition("M54.41")],
+                  unavailable={"Observation": "the FHIR server answered HTTP 503"})
+    assert any("HTTP 503" in u for u in matches[0].not_checked)
+
+
+def test_long_term_steroid_by_product_code_and_supply(engine):
+    # 312617 is a prednisone product mapped to the ingredient by the ConceptMap.
+    assert ("STER", "info") in fired(run(engine, [medication("312617",
+                                                             authored="2025-10-01")]))
+    assert ("STER", "info") not in fired(run(engine, [medication("312617",
+                                                                 authored="2026-02-20")]))
+    assert ("STER", "info") in fired(run(engine, [medication(
+        "8640", authored="2026-02-20", supply_days=30, repeats=2)]))
+
+
+def test_startback_high_risk(engine):
+    qr = questionnaire_response({"sb-1": True, "sb-2": False, "sb-3": "very-much"})
+    assert ("SB-HIGH", "info") in fired(run(engine, [condition("M54.41"), qr]))
+    qr_low = questionnaire_response({"sb-1": False, "sb-2": False, "sb-3": "slightly"})
+    assert ("SB-HIGH", "info") not in fired(run(engine, [condition("M54.41"), qr_low]))
+
+
+def test_duration_from_intake_onset_date_beats_condition_dates(engine):
+    old = condition("M54.41", onset="2025-01-01")
+    assert fired(run(engine, [old])) == []  # chronic: no conservative-care (acute) card
+    qr = questionnaire_response({"lbp-onset-date": "2026-02-25"})
+    assert fired(run(engine, [old, qr])) == [("CC", "info")]
+
+
+def test_order_rule_fires_per_judged_order_with_the_order_as_evidence(engine):
+    orders = [imaging_order(rid="sr1"), imaging_order(code="72148",
+                                                      system="http://www.ama-assn.org/go/cpt",
+                                                      rid="sr2")]
+    matches = run(engine, [condition("M54.41")], hook="order-select", orders=orders)
+    assert fired(matches) == [("LV", "warning"), ("LV", "warning")]
+    assert {m.order.id for m in matches} == {"sr1", "sr2"}
+    assert matches[0].evidence[0].what.startswith("Draft order")
+
+
+def test_order_matched_only_by_text_says_so(engine):
+    matches = run(engine, [condition("M54.41")], hook="order-sign",
+                  orders=[imaging_order(text="MRI of the lumbar spine")])
+    assert fired(matches) == [("LV", "warning")]
+    assert "matched by text" in matches[0].evidence[0].what
+
+
+def test_red_flag_replaces_the_low_value_warning_at_order_time(engine):
+    matches = run(engine, [condition("M54.41"), condition("G83.4", rid="c2")],
+                  hook="order-sign", orders=[imaging_order()])
+    assert fired(matches) == [("RF", "critical")]
+
+
+def test_order_reason_counts_as_context_when_the_record_lacks_it(engine):
+    order = imaging_order()
+    order["reasonCode"] = [{"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm",
+                                        "code": "M54.42"}]}]
+    order["authoredOn"] = "2026-03-01"
+    assert fired(run(engine, [], hook="order-sign", orders=[order])) == [("LV", "warning")]
+
+
+def _broken_pack(tmp_path: Path, edit: Any) -> Path:
+    import shutil
+
+    root = tmp_path / "pack"
+    shutil.copytree(MINI, root)
+    path = root / "triage" / "rules.yaml"
+    doc = yaml.safe_load(path.read_text())
+    edit(doc["rules"])
+    path.write_text(yaml.safe_dump(doc))
+    return root
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r[0]["when"]["all"].append({"fact": "nonsense"}), "unknown fact"),
+    (lambda r: r[0]["when"]["all"].append({"fact": "condition"}), r"missing \['valueset'\]"),
+    (lambda r: r[0]["when"]["all"].append({"fact": "condition", "valueset": "nope"}),
+     "unknown value set"),
+    (lambda r: r[1]["when"]["all"][1].update(value="$nope"), "unknown parameter"),
+    (lambda r: r[0]["when"]["all"].append({"rule": "CC"}), "cycle"),
+    (lambda r: r[0]["when"]["all"].append({"rule": "GHOST"}), "unknown rule"),
+    (lambda r: r[0]["when"]["all"].append({"fact": "answer", "item": "not-an-item"}),
+     "not in the questionnaire"),
+    (lambda r: r[0].update(indicator="hard-stop"), "indicator"),
+    (lambda r: r[0]["when"].update(if_unknown="maybe"), "if_unknown"),
+])
+def test_broken_packs_are_refused_at_load(tmp_path, edit, message):
+    root = _broken_pack(tmp_path, edit)
+    with pytest.raises(KnowledgeError, match=message):
+        RuleEngine(knowledge.load(root))
