@@ -53,6 +53,11 @@ def create_app(
     if settings.dev:
         log.warning("DEV MODE: client authentication is OFF; never expose this instance")
     else:
+        if not settings.public_base_url:
+            raise ConfigError(
+                "LBP_CDS_PUBLIC_BASE_URL is required when authentication is on: a JWT's `aud` "
+                "is checked against this service's public URL, never against the Host header "
+                "a caller sends")
         if not settings.clients_file:
             raise ConfigError(
                 "no trusted CDS clients: set LBP_CDS_CLIENTS_FILE (or --clients FILE), "

@@ -110,11 +110,13 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             with self.engine.begin() as conn:
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-        try:
             metadata.create_all(self.engine, checkfirst=True)
-        except IntegrityError:
-            # Two replicas raced to create the same table (PostgreSQL type catalog): the other won.
-            metadata.create_all(self.engine, checkfirst=True)
+            return
+        with self.engine.begin() as conn:
+            if self.engine.dialect.name == "postgresql":
+                # Replicas starting together take turns: the lock ends with the transaction.
+                conn.execute(text("SELECT pg_advisory_xact_lock(4242001)"))
+            metadata.create_all(conn, checkfirst=True)
 
     def ping(self) -> bool:
         """Tell whether the database answers."""

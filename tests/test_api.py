@@ -1,0 +1,285 @@
+"""The HTTP surface through the real WSGI app (Flask test client) over the mini pack."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from lbp_cds.hooks import response_issues
+from tests.builders import bundle, condition, hook_request, imaging_order, observation, patient
+
+req = pytest.mark.req
+
+
+def full_prefetch(*resources: dict[str, Any]) -> dict[str, Any]:
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for r in resources:
+        by_type.setdefault(r["resourceType"], []).append(r)
+    return {
+        "patient": patient(),
+        "conditions": bundle(*by_type.get("Condition", [])),
+        "observations": bundle(*by_type.get("Observation", [])),
+        "medications": bundle(*by_type.get("MedicationRequest", [])),
+        "questionnaireResponses": bundle(*by_type.get("QuestionnaireResponse", [])),
+    }
+
+
+def post(client, service: str, body: Any, **kw: Any):
+    data = body if isinstance(body, bytes | str) else json.dumps(body)
+    return client.post(f"/cds-services/{service}", data=data,
+                       content_type=kw.pop("content_type", "application/json"), **kw)
+
+
+def outcome_locations(resp) -> list[str]:
+    assert resp.json["resourceType"] == "OperationOutcome"
+    return [loc for i in resp.json["issue"] for loc in i.get("expression", [])]
+
+
+@req("4", "5", "6")
+def test_discovery_lists_every_service_without_empty_fields(client):
+    resp = client.get("/cds-services")
+    assert resp.status_code == 200
+    services = resp.json["services"]
+    assert {(s["id"], s["hook"]) for s in services} == {
+        ("mini-triage", "patient-view"), ("mini-order-select", "order-select"),
+        ("mini-order-sign", "order-sign")}
+    for s in services:
+        assert s["description"] and s["title"]
+        assert all(v not in (None, "", [], {}) for v in s.values())
+
+
+def test_hook_call_returns_valid_cards_and_records_them(client, app):
+    body = hook_request(prefetch=full_prefetch(condition("M54.41"),
+                                               observation("8310-5", 38.6)))
+    resp = post(client, "mini-triage", body)
+    assert resp.status_code == 200, resp.json
+    assert response_issues(resp.json) == []
+    card = resp.json["cards"][0]
+    assert card["extension"]["org.lbp-cds.rule"]["ruleId"] == "FEV"
+    store = app.extensions["lbp_cds"].store
+    stored = store.card(card["uuid"])
+    assert stored is not None and stored.rule_id == "FEV" and stored.indicator == "warning"
+
+
+def test_no_guidance_is_an_empty_card_list(client):
+    resp = post(client, "mini-triage", hook_request(prefetch=full_prefetch(condition("I10"))))
+    assert resp.status_code == 200 and resp.json == {"cards": []}
+
+
+def test_unknown_service_is_404_with_operation_outcome(client):
+    resp = post(client, "no-such-service", hook_request(prefetch={}))
+    assert resp.status_code == 404
+    assert outcome_locations(resp) == ["id"]
+
+
+@pytest.mark.parametrize("body, location", [
+    ({"hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea", "context": {}}, "hook"),
+    (hook_request() | {"hookInstance": 12}, "hookInstance"),
+    (hook_request() | {"context": {"userId": "Practitioner/1", "patientId": "Patient/1"}},
+     "context.patientId"),
+    (hook_request() | {"fhirAuthorization": {"access_token": "x", "token_type": "Bearer",
+                                             "expires_in": 30, "scope": "s", "subject": "c"}},
+     "fhirServer"),
+])
+def test_bad_requests_are_400_naming_the_field(client, body, location):
+    resp = post(client, "mini-triage", body)
+    assert resp.status_code == 400
+    assert any(location in loc for loc in outcome_locations(resp)), resp.json
+
+
+def test_hook_the_service_does_not_serve_is_400(client):
+    resp = post(client, "mini-triage", hook_request(hook="order-sign", prefetch={},
+                                                    drafts=[imaging_order()]))
+    assert resp.status_code == 400
+    assert outcome_locations(resp) == ["hook"]
+
+
+def test_malformed_json_is_400(client):
+    resp = post(client, "mini-triage", b'{"hook": ')
+    assert resp.status_code == 400
+    assert resp.json["resourceType"] == "OperationOutcome"
+
+
+def test_wrong_content_type_is_415(client):
+    resp = post(client, "mini-triage", json.dumps(hook_request()), content_type="text/plain")
+    assert resp.status_code == 415
+
+
+def test_body_over_the_limit_is_413(make_app):
+    client = make_app(max_body_bytes=1000).test_client()
+    resp = post(client, "mini-triage", hook_request(prefetch={"x": {"resourceType": "Patient",
+                                                                      "id": "a" * 2000}}))
+    assert resp.status_code == 413
+    assert resp.json["resourceType"] == "OperationOutcome"
+
+
+def test_json_nested_too_deep_is_400(make_app):
+    client = make_app(max_json_depth=20).test_client()
+    deep: Any = {}
+    for _ in range(30):
+        deep = {"a": deep}
+    resp = post(client, "mini-triage", hook_request() | {"extension": deep})
+    assert resp.status_code == 400
+
+
+@req("36")
+def test_required_data_missing_without_fhir_server_is_412_listing_the_keys(client):
+    body = hook_request(prefetch={"patient": patient()})
+    resp = post(client, "mini-triage", body)
+    assert resp.status_code == 412
+    assert outcome_locations(resp) == ["prefetch.conditions"]
+
+
+def test_null_prefetch_means_no_data_not_missing(client):
+    body = hook_request(prefetch={"patient": patient(), "conditions": None,
+                                  "observations": None, "medications": None,
+                                  "questionnaireResponses": None})
+    resp = post(client, "mini-triage", body)
+    assert resp.status_code == 200 and resp.json == {"cards": []}
+
+
+def test_operation_outcome_in_prefetch_is_refetched_and_412_without_server(client):
+    prefetch = full_prefetch(condition("M54.41"))
+    prefetch["conditions"] = {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "timeout"}]}
+    resp = post(client, "mini-triage", hook_request(prefetch=prefetch))
+    assert resp.status_code == 412
+
+
+def test_order_sign_without_record_judges_the_order_and_says_so(client):
+    body = hook_request(hook="order-sign", drafts=[imaging_order()])
+    order = body["context"]["draftOrders"]["entry"][0]["resource"]
+    order["reasonCode"] = [{"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm",
+                                        "code": "M54.41"}]}]
+    resp = post(client, "mini-order-sign", body)
+    assert resp.status_code == 200
+    (card,) = resp.json["cards"]
+    assert "record could not be obtained" in card["detail"]
+    delete = card["suggestions"][0]["actions"][0]
+    assert delete == {"type": "delete", "description": "Remove the draft imaging order",
+                      "resourceId": "ServiceRequest/sr1"}
+    update = card["suggestions"][1]["actions"][0]
+    assert update["type"] == "update"
+    assert update["resource"]["id"] == "sr1" and update["resource"]["reasonCode"]
+    assert update["resource"]["code"]["coding"][0]["code"] == "30679-5"
+    assert response_issues(resp.json) == []
+
+
+def test_order_select_judges_only_the_selected_orders(client):
+    drafts = [imaging_order(rid="sr1"), imaging_order(rid="sr2")]
+    body = hook_request(hook="order-select", drafts=drafts, selections=["ServiceRequest/sr2"],
+                        prefetch={"patient": patient(),
+                                  "conditions": bundle(condition("M54.41")),
+                                  "observations": bundle()})
+    resp = post(client, "mini-order-select", body)
+    assert resp.status_code == 200
+    ids = [c["suggestions"][0]["actions"][0]["resourceId"] for c in resp.json["cards"]]
+    assert ids == ["ServiceRequest/sr2"]
+
+
+def _issue(client) -> dict[str, Any]:
+    body = hook_request(hook="order-sign", drafts=[imaging_order()],
+                        prefetch={"patient": patient(), "conditions": bundle(
+                            condition("M54.41"))})
+    resp = post(client, "mini-order-sign", body)
+    return resp.json["cards"][0]
+
+
+@req("58", "59", "60")
+def test_feedback_is_stored_once_and_reported(client, app):
+    card = _issue(client)
+    accepted = {"feedback": [{"card": card["uuid"], "outcome": "accepted",
+                              "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+                              "outcomeTimestamp": "2026-03-02T10:05:00Z"}]}
+    first = client.post("/cds-services/mini-order-sign/feedback", json=accepted)
+    again = client.post("/cds-services/mini-order-sign/feedback", json=accepted)
+    assert first.status_code == 200 and first.json["stored"] == 1
+    assert again.status_code == 200 and again.json == {"received": 1, "stored": 0,
+                                                       "duplicates": 1}
+    report = app.extensions["lbp_cds"].store.feedback_report()
+    assert [(e["rule"], e["issued"], e["accepted"]) for e in report] == [("LV", 1, 1)]
+
+
+def test_override_feedback_keeps_the_coded_reason_not_the_comment(client, app):
+    card = _issue(client)
+    reason = card["overrideReasons"][0]
+    body = {"feedback": [{"card": card["uuid"], "outcome": "overridden",
+                          "overrideReason": {"reason": reason,
+                                             "userComment": "Mr Smith has a history"},
+                          "outcomeTimestamp": "2026-03-02T10:05:00Z"}]}
+    resp = client.post("/cds-services/mini-order-sign/feedback", json=body)
+    assert resp.status_code == 200
+    store = app.extensions["lbp_cds"].store
+    with store.engine.connect() as conn:
+        rows = [dict(r) for r in conn.exec_driver_sql("SELECT * FROM feedback").mappings()]
+    assert rows[0]["override_code"] == reason["code"] and rows[0]["has_comment"]
+    assert "Smith" not in json.dumps(rows, default=str)
+    report = store.feedback_report()
+    assert report[0]["reasons"] == {reason["display"]: 1}
+
+
+@pytest.mark.parametrize("mutate, status", [
+    (lambda fb, card: fb.update(card="00000000-0000-0000-0000-000000000000"), 422),
+    (lambda fb, card: fb.update(acceptedSuggestions=[{"id": "not-a-suggestion"}]), 422),
+    (lambda fb, card: fb.pop("acceptedSuggestions"), 400),
+    (lambda fb, card: fb.update(outcome="ignored"), 400),
+    (lambda fb, card: fb.update(outcomeTimestamp="yesterday"), 400),
+])
+def test_bad_feedback(client, mutate, status):
+    card = _issue(client)
+    fb = {"card": card["uuid"], "outcome": "accepted",
+          "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+          "outcomeTimestamp": "2026-03-02T10:05:00Z"}
+    mutate(fb, card)
+    resp = client.post("/cds-services/mini-order-sign/feedback", json={"feedback": [fb]})
+    assert resp.status_code == status, resp.json
+    assert resp.json["resourceType"] == "OperationOutcome"
+
+
+def test_feedback_to_another_service_is_422(client):
+    card = _issue(client)
+    fb = {"card": card["uuid"], "outcome": "overridden",
+          "outcomeTimestamp": "2026-03-02T10:05:00Z"}
+    resp = client.post("/cds-services/mini-triage/feedback", json={"feedback": [fb]})
+    assert resp.status_code == 422
+
+
+def test_health_readiness_metrics_and_questionnaire(client):
+    assert client.get("/healthz").json == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json["checks"] == {"knowledge": True,
+                                                                 "store": True}
+    post(client, "mini-triage", hook_request(prefetch=full_prefetch(condition("M54.41"))))
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'lbp_cds_cards_total{indicator="info",rule="CC",service="mini-triage"}' in metrics
+    assert "lbp_cds_request_seconds_bucket" in metrics
+    q = client.get("/questionnaires/lbp-intake")
+    assert q.json["resourceType"] == "Questionnaire"
+    html = client.get("/questionnaires/lbp-intake", headers={"Accept": "text/html"})
+    assert b"ces-saddle" in html.data and html.content_type.startswith("text/html")
+
+
+def test_unknown_route_and_method_are_operation_outcomes(client):
+    assert client.get("/nope").status_code == 404
+    resp = client.put("/cds-services")
+    assert resp.status_code == 405 and resp.json["resourceType"] == "OperationOutcome"
+
+
+def test_cors_on_success_errors_and_preflight(make_app):
+    client = make_app(cors_origins="https://ehr.example.org").test_client()
+    origin = {"Origin": "https://ehr.example.org"}
+    ok = client.get("/cds-services", headers=origin)
+    assert ok.headers["Access-Control-Allow-Origin"] == "https://ehr.example.org"
+    err = post(client, "nope", hook_request(), headers=origin)
+    assert err.status_code == 404
+    assert err.headers["Access-Control-Allow-Origin"] == "https://ehr.example.org"
+    pre = client.options("/cds-services/mini-triage", headers=origin | {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "Authorization, Content-Type"})
+    assert pre.status_code == 200
+    assert "POST" in pre.headers["Access-Control-Allow-Methods"]
+    assert "authorization" in pre.headers["Access-Control-Allow-Headers"].lower()
+    other = client.get("/cds-services", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
