@@ -323,17 +323,24 @@ class FhirFetcher:
         self.executor = executor or ThreadPoolExecutor(
             max_workers=policy.parallelism, thread_name_prefix="fhir-fetch")
 
-    def fetch_all(self, base: str, token: str | None, urls: dict[str, str], deadline: float
-                  ) -> dict[str, tuple[list[dict[str, Any]] | None, KeyStatus]]:
+    def fetch_all(self, base: str, token: str | None, urls: dict[str, tuple[str, str]],
+                  deadline: float) -> dict[str, tuple[list[dict[str, Any]] | None, KeyStatus]]:
         """Fetch several prefetch keys in parallel under one deadline (a ``time.monotonic``).
+
+        Args:
+            base: the FHIR server's base URL.
+            token: the bearer token, or None.
+            urls: for each key, the (relative or absolute) URL and the resource type expected.
+            deadline: a ``time.monotonic()`` instant after which nothing more is awaited.
 
         Returns:
             For each key: the resources (None when unobtainable) and its status.
         """
         futures: dict[Future[tuple[list[dict[str, Any]], int]], str] = {}
         started = time.monotonic()
-        for key, url in urls.items():
-            futures[self.executor.submit(self._fetch_key, base, token, url, deadline)] = key
+        for key, (url, rtype) in urls.items():
+            futures[self.executor.submit(self._fetch_key, base, token, url, rtype,
+                                         deadline)] = key
         results: dict[str, tuple[list[dict[str, Any]] | None, KeyStatus]] = {}
         pending = set(futures)
         while pending:
@@ -343,7 +350,7 @@ class FhirFetcher:
             done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
             for fut in done:
                 key = futures[fut]
-                rtype = template_type(urls[key])
+                rtype = urls[key][1]
                 try:
                     resources, pages = fut.result()
                     results[key] = (resources, KeyStatus(
@@ -355,14 +362,13 @@ class FhirFetcher:
         for fut in pending:
             fut.cancel()
             key = futures[fut]
-            results[key] = (None, KeyStatus(key, template_type(urls[key]), "unavailable",
+            results[key] = (None, KeyStatus(key, urls[key][1], "unavailable",
                                             reason="the FHIR server did not answer in time",
                                             seconds=time.monotonic() - started))
         return results
 
-    def _fetch_key(self, base: str, token: str | None, url: str, deadline: float
+    def _fetch_key(self, base: str, token: str | None, url: str, rtype: str, deadline: float
                    ) -> tuple[list[dict[str, Any]], int]:
-        rtype = template_type(url)
         target = urljoin(base.rstrip("/") + "/", url)
         resources: list[dict[str, Any]] = []
         pages = 0
@@ -458,7 +464,7 @@ def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | N
     """
     resources: dict[str, list[dict[str, Any]]] = {}
     statuses: list[KeyStatus] = []
-    to_fetch: dict[str, str] = {}
+    to_fetch: dict[str, tuple[str, str]] = {}
     patient_id = request.patient_id or ""
     for key, template in service.prefetch.items():
         rtype = template_type(template)
@@ -476,28 +482,26 @@ def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | N
         if usable is not None and next_url:
             # The EHR paged its prefetch: take what came, fetch the rest from the next link.
             resources.setdefault(rtype, []).extend(_same_patient(usable, patient_id))
-            to_fetch[key] = next_url
+            to_fetch[key] = (next_url, rtype)
             continue
         url = resolve_template(template, request)
         if url is None:
             statuses.append(KeyStatus(key, rtype, "unavailable",
                                       reason="the template's context token has no value"))
         else:
-            to_fetch[key] = url
+            to_fetch[key] = (url, rtype)
     unavailable: dict[str, str] = {}
     if to_fetch:
         reason = _cannot_fetch(request, fetcher, policy)
         if reason:
-            for key, url in to_fetch.items():
-                statuses.append(KeyStatus(key, template_type(service.prefetch[key]),
-                                          "unavailable", reason=reason))
+            for key, (_url, rtype) in to_fetch.items():
+                statuses.append(KeyStatus(key, rtype, "unavailable", reason=reason))
         else:
             assert fetcher is not None and request.fhir_server
             token = request.fhir_authorization.access_token if request.fhir_authorization else None
             deadline = time.monotonic() + policy.deadline
             fetched = fetcher.fetch_all(request.fhir_server, token, to_fetch, deadline)
-            for key, (items, status) in fetched.items():
-                status.resource_type = template_type(service.prefetch[key])
+            for _key, (items, status) in fetched.items():
                 statuses.append(status)
                 if items is not None:
                     resources.setdefault(status.resource_type, []).extend(
