@@ -271,7 +271,7 @@ def healthz() -> Response:
 def readyz() -> Response:
     """Readiness: knowledge loaded and the store reachable."""
     rt = runtime()
-    checks = {"knowledge": bool(rt.knowledge.rules), "store": rt.store.ping()}
+    checks = {"knowledge": bool(rt.knowledge.services), "store": rt.store.ping()}
     ok = all(checks.values())
     return json_response({"status": "ready" if ok else "not ready", "checks": checks},
                          200 if ok else 503)

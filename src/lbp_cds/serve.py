@@ -46,6 +46,8 @@ class GunicornApp(BaseApplication):  # type: ignore[misc]
             "loglevel": s.log_level.lower(),
             "child_exit": _child_exit,
             "proc_name": "lbp-cds",
+            # No control socket: it would be written to $HOME, read-only in our container.
+            "control_socket_disable": True,
         }
         for key, value in options.items():
             self.cfg.set(key, value)

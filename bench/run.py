@@ -1,0 +1,376 @@
+"""lbp-cds benchmarks: medians, p95 and ratios, reproducible with one command (`make bench`).
+
+Sections (all by default; choose with --only):
+  core      patient-view with a ~100 KB prefetch and an EMPTY rule set: the service's own overhead,
+            in-process (Flask test client) and over HTTP (gunicorn on loopback).
+  rules     every rule of the real pack over a 1,000-resource record, in-process (engine only,
+            and the whole request path).
+  http      patient-view with a ~1 MB Synthea-sized prefetch over HTTP: p50/p95, requests/s with
+            4 concurrent clients, the ratio to orjson parse+dump of the same request.
+  scaling   cost at 100, 1,000 and 10,000 resources (in-process), with the per-resource slope.
+  rss       resident memory per gunicorn worker after the http section.
+  fetch     the FHIR-fetch path against a real FHIR server (sekmet-fhir): overhead of the service
+            over the slowest single query it makes.
+
+Results are printed and written to bench/results/latest.json. Timings are wall-clock on this
+machine; compare ratios across machines, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import orjson
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from records import NOW, record, patient_view_request  # noqa: E402
+
+from lbp_cds import create_app  # noqa: E402
+from lbp_cds.config import Settings  # noqa: E402
+
+RESULTS: dict[str, Any] = {}
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def timed(fn: Callable[[], Any], n: int, warmup: int = 5) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1000)
+    return {"n": n, "p50_ms": round(statistics.median(samples), 3),
+            "p95_ms": round(percentile(samples, 95), 3), "min_ms": round(min(samples), 3)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``lbp-cds serve --dev`` under gunicorn, on loopback."""
+
+    def __init__(self, knowledge_dir: Path | None, workers: int = 2, threads: int = 4) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="lbp-bench-"))
+        self.port = free_port()
+        env = dict(os.environ, LBP_CDS_DATABASE_URL=f"sqlite:///{self.tmp}/bench.sqlite3",
+                   LBP_CDS_LOG_LEVEL="WARNING")
+        if knowledge_dir:
+            env["LBP_CDS_KNOWLEDGE_DIR"] = str(knowledge_dir)
+        exe = Path(sys.executable).with_name("lbp-cds")
+        self.proc = subprocess.Popen(
+            [str(exe), "serve", "--dev", "--port", str(self.port), "--workers", str(workers),
+             "--threads", str(threads)], env=env, stdout=subprocess.DEVNULL,
+            stderr=open(self.tmp / "server.log", "w"), start_new_session=True)
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if requests.get(self.base + "/readyz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError((self.tmp / "server.log").read_text()[-2000:])
+
+    def worker_rss_mb(self) -> list[float]:
+        out = subprocess.run(["ps", "-o", "pid=,rss=", "--ppid", str(self.proc.pid)],
+                             capture_output=True, text=True).stdout
+        return [round(int(line.split()[1]) / 1024, 1) for line in out.splitlines() if line]
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def empty_rules_pack() -> Path:
+    """A copy of the test mini pack with no rules: only the core path is left to measure."""
+    tmp = Path(tempfile.mkdtemp(prefix="lbp-empty-pack-"))
+    pack = tmp / "pack"
+    shutil.copytree(ROOT / "tests" / "knowledge_mini", pack)
+    for rules in pack.glob("*/rules.yaml"):
+        rules.write_text("rules: []\n")
+    for cards in pack.glob("*/cards.yaml"):
+        cards.write_text("cards: {}\n")
+    return pack
+
+
+def sized_request(target_bytes: int, prefetch: dict[str, str]) -> tuple[dict[str, Any], int]:
+    """The smallest synthetic request whose JSON is at least ``target_bytes`` (bisection)."""
+    low, high = 1, 20
+    while len(orjson.dumps(patient_view_request(record(high), prefetch))) < target_bytes:
+        low, high = high, high * 2
+    while low < high:
+        mid = (low + high) // 2
+        if len(orjson.dumps(patient_view_request(record(mid), prefetch))) < target_bytes:
+            low = mid + 1
+        else:
+            high = mid
+    return patient_view_request(record(high), prefetch), high
+
+
+def in_process(app: Any, service: str, body: bytes) -> Callable[[], Any]:
+    client = app.test_client()
+
+    def call() -> None:
+        resp = client.post(f"/cds-services/{service}", data=body,
+                           content_type="application/json")
+        assert resp.status_code == 200, resp.data[:500]
+
+    return call
+
+
+def over_http(base: str, service: str, body: bytes) -> Callable[[], Any]:
+    session = requests.Session()
+
+    def call() -> None:
+        resp = session.post(f"{base}/cds-services/{service}", data=body,
+                            headers={"Content-Type": "application/json"})
+        assert resp.status_code == 200, resp.text[:500]
+
+    return call
+
+
+def bench_core(n: int) -> None:
+    pack = empty_rules_pack()
+    with tempfile.TemporaryDirectory() as tmp:
+        app = create_app(Settings(dev=True, database_url=f"sqlite:///{tmp}/c.sqlite3",
+                                  knowledge_dir=str(pack)), clock=lambda: NOW)
+        service = next(s for s in app.extensions["lbp_cds"].knowledge.services
+                       if s.hook == "patient-view")
+        req, count = sized_request(100_000, dict(service.prefetch))
+        body = orjson.dumps(req)
+        result = {"prefetch_bytes": len(body), "resources": count,
+                  "in_process": timed(in_process(app, service.id, body), n)}
+        server = Server(pack)
+        try:
+            result["http"] = timed(over_http(server.base, service.id, body), n)
+        finally:
+            server.stop()
+    RESULTS["core"] = result
+    print(f"core (empty rule set, {len(body) / 1000:.0f} KB prefetch, {count} resources): "
+          f"in-process p50 {result['in_process']['p50_ms']} ms p95 "
+          f"{result['in_process']['p95_ms']} ms; HTTP p50 {result['http']['p50_ms']} ms p95 "
+          f"{result['http']['p95_ms']} ms")
+
+
+def real_app(tmp: str) -> Any:
+    return create_app(Settings(dev=True, database_url=f"sqlite:///{tmp}/r.sqlite3"),
+                      clock=lambda: NOW)
+
+
+def bench_rules(n: int) -> None:
+    from lbp_cds.fhir_data import record_from_resources
+
+    with tempfile.TemporaryDirectory() as tmp:
+        app = real_app(tmp)
+        rt = app.extensions["lbp_cds"]
+        service = next(s for s in rt.knowledge.services if s.hook == "patient-view")
+        resources = record(1000)
+
+        def engine_only() -> None:
+            rec = record_from_resources(resources[0]["id"], resources)
+            rt.engine.evaluate(service, rec, NOW, [])
+
+        body = orjson.dumps(patient_view_request(resources, dict(service.prefetch)))
+        result = {"resources": 1000, "rules": len(rt.knowledge.rules),
+                  "engine": timed(engine_only, n),
+                  "request": timed(in_process(app, service.id, body), n)}
+    RESULTS["rules"] = result
+    print(f"rules ({result['rules']} rules, 1,000 resources): engine p50 "
+          f"{result['engine']['p50_ms']} ms p95 {result['engine']['p95_ms']} ms; whole request "
+          f"in-process p50 {result['request']['p50_ms']} ms p95 {result['request']['p95_ms']} ms")
+
+
+def synthea_request(service_prefetch: dict[str, str]) -> tuple[dict[str, Any], str]:
+    """The largest Synthea patient of ../shared as a full prefetch, else a synthetic 1 MB one."""
+    shared = ROOT.parent / "shared" / "data" / "synthea-r4"
+    files = sorted(shared.glob("*.json"), key=lambda p: p.stat().st_size) if shared.is_dir() \
+        else []
+    candidates = [p for p in files if 0.5e6 < p.stat().st_size < 1.3e6]
+    if candidates:
+        path = candidates[-1]
+        bundle = json.loads(path.read_text())
+        resources = [e["resource"] for e in bundle["entry"]]
+        patient = next(r for r in resources if r["resourceType"] == "Patient")
+        from lbp_cds.cli import request_from_bundle
+
+        req = request_from_bundle({"entry": [{"resource": r} for r in resources]},
+                                  "patient-view")
+        return req, f"Synthea {path.name[:40]} ({len(resources)} resources, patient "\
+                    f"{patient['id'][:8]}…)"
+    req, count = sized_request(1_000_000, service_prefetch)
+    return req, f"synthetic ({count} resources)"
+
+
+def bench_http(n: int, clients: int, duration: float) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        app = real_app(tmp)
+        service = next(s for s in app.extensions["lbp_cds"].knowledge.services
+                       if s.hook == "patient-view")
+        req, what = synthea_request(dict(service.prefetch))
+    body = orjson.dumps(req)
+    baseline = timed(lambda: orjson.dumps(orjson.loads(body)), max(n, 50))
+    server = Server(None)
+    try:
+        single = timed(over_http(server.base, service.id, body), n)
+
+        def worker(stop_at: float) -> int:
+            call = over_http(server.base, service.id, body)
+            done = 0
+            while time.perf_counter() < stop_at:
+                call()
+                done += 1
+            return done
+
+        stop_at = time.perf_counter() + duration
+        started = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            total = sum(pool.map(worker, [stop_at] * clients))
+        rps = total / (time.perf_counter() - started)
+        rss = server.worker_rss_mb()
+    finally:
+        server.stop()
+    RESULTS["http"] = {"record": what, "prefetch_bytes": len(body), "single_client": single,
+                       "orjson_parse_dump": baseline,
+                       "ratio_p50_to_orjson": round(single["p50_ms"] / baseline["p50_ms"], 1),
+                       "concurrent_clients": clients, "requests_per_second": round(rps, 1)}
+    RESULTS["rss"] = {"worker_rss_mb": rss}
+    print(f"http ({what}, {len(body) / 1e6:.2f} MB prefetch): p50 {single['p50_ms']} ms p95 "
+          f"{single['p95_ms']} ms; orjson parse+dump p50 {baseline['p50_ms']} ms (ratio "
+          f"{RESULTS['http']['ratio_p50_to_orjson']}x); {clients} clients: {rps:.1f} req/s; "
+          f"worker RSS {rss} MB")
+
+
+def bench_scaling(n: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        app = real_app(tmp)
+        service = next(s for s in app.extensions["lbp_cds"].knowledge.services
+                       if s.hook == "patient-view")
+        rows = []
+        for size in (100, 1000, 10000):
+            body = orjson.dumps(patient_view_request(record(size), dict(service.prefetch)))
+            t = timed(in_process(app, service.id, body), n if size < 10000 else max(5, n // 4))
+            rows.append({"resources": size, "bytes": len(body), **t})
+    slope_small = (rows[1]["p50_ms"] - rows[0]["p50_ms"]) / 900
+    slope_large = (rows[2]["p50_ms"] - rows[1]["p50_ms"]) / 9000
+    RESULTS["scaling"] = {"rows": rows, "ms_per_resource_100_to_1000": round(slope_small, 5),
+                          "ms_per_resource_1000_to_10000": round(slope_large, 5),
+                          "slope_ratio": round(slope_large / slope_small, 2)
+                          if slope_small > 0 else None}
+    for row in rows:
+        print(f"scaling {row['resources']:>6} resources ({row['bytes'] / 1e6:.2f} MB): p50 "
+              f"{row['p50_ms']} ms p95 {row['p95_ms']} ms")
+    print(f"scaling slope {slope_small * 1000:.1f} µs/resource (100→1k), "
+          f"{slope_large * 1000:.1f} µs/resource (1k→10k): ratio "
+          f"{RESULTS['scaling']['slope_ratio']} (1.0 = linear)")
+
+
+def bench_fetch(n: int) -> None:
+    sys.path.insert(0, str(ROOT))
+    from tests.fhir_server import start_standalone  # type: ignore[attr-defined]
+
+    fhir = start_standalone()
+    try:
+        resources = record(1000)
+        fhir.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+            for r in resources]})
+        with tempfile.TemporaryDirectory() as tmp:
+            app = real_app(tmp)
+            service = next(s for s in app.extensions["lbp_cds"].knowledge.services
+                           if s.hook == "patient-view")
+            session = requests.Session()
+            headers = {"Authorization": f"Bearer {fhir.token}"}
+
+            def slowest_query() -> float:
+                worst = 0.0
+                for template in service.prefetch.values():
+                    url = template.replace("{{context.patientId}}", resources[0]["id"])
+                    t = time.perf_counter()
+                    nxt: str | None = f"{fhir.base_url}/{url}"
+                    while nxt:
+                        doc = session.get(nxt, headers=headers).json()
+                        nxt = next((ln["url"] for ln in doc.get("link", [])
+                                    if ln.get("relation") == "next"), None)
+                    worst = max(worst, (time.perf_counter() - t) * 1000)
+                return worst
+
+            slowest = statistics.median(slowest_query() for _ in range(max(3, n // 10)))
+            body = orjson.dumps({
+                "hook": "patient-view", "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+                "fhirServer": fhir.base_url,
+                "fhirAuthorization": {"access_token": fhir.token, "token_type": "Bearer",
+                                      "expires_in": 300, "scope": "patient/*.read",
+                                      "subject": "bench", "patient": resources[0]["id"]},
+                "context": {"userId": "Practitioner/bench", "patientId": resources[0]["id"]}})
+            whole = timed(in_process(app, service.id, body), max(5, n // 10), warmup=1)
+    finally:
+        fhir.stop()
+    RESULTS["fetch"] = {"resources": 1000, "slowest_single_query_ms": round(slowest, 1),
+                        "hook_call_with_fetch": whole,
+                        "overhead_ms": round(whole["p50_ms"] - slowest, 1),
+                        "ratio_to_slowest_query": round(whole["p50_ms"] / slowest, 2)}
+    print(f"fetch (1,000 resources on sekmet, no prefetch): hook call p50 {whole['p50_ms']} ms; "
+          f"slowest single query (all pages) {slowest:.1f} ms; overhead "
+          f"{RESULTS['fetch']['overhead_ms']} ms ({RESULTS['fetch']['ratio_to_slowest_query']}x)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append",
+                        choices=["core", "rules", "http", "scaling", "fetch"])
+    parser.add_argument("-n", type=int, default=200, help="samples per measurement")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="seconds of the concurrent run")
+    args = parser.parse_args()
+    sections = args.only or ["core", "rules", "http", "scaling", "fetch"]
+    RESULTS["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    if "core" in sections:
+        bench_core(args.n)
+    if "rules" in sections:
+        bench_rules(args.n)
+    if "http" in sections:
+        bench_http(args.n, args.clients, args.duration)
+    if "scaling" in sections:
+        bench_scaling(max(10, args.n // 4))
+    if "fetch" in sections:
+        bench_fetch(args.n)
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(RESULTS, indent=2))
+    print(f"written {out / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
