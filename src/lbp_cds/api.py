@@ -284,6 +284,14 @@ def metrics() -> Response:
     return Response(payload, content_type=content_type)
 
 
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI 3.1 description of this service's endpoints."""
+    from lbp_cds.openapi import openapi_document
+
+    return json_response(openapi_document(runtime().knowledge))
+
+
 @bp.get("/questionnaires/lbp-intake")
 def questionnaire() -> Response:
     """The red-flag intake Questionnaire (FHIR JSON; HTML for a browser)."""
