@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 from lbp_cds import create_app
 from lbp_cds.config import Settings
 
-pytest_plugins = ["tests.fhir_server"]
+pytest_plugins = ["tests.fhir_server", "tests.service_server"]
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "tests" / "knowledge_mini"
@@ -24,15 +24,28 @@ NOW = datetime(2026, 3, 2, 10, 0, tzinfo=timezone.utc)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests of ../shared data need that folder; outside CI they may be deselected, never in CI."""
+    """Tests of ../shared data need that folder: in a checkout without it they are deselected
+    and reported as not run; in CI its absence is an error."""
     if SHARED.is_dir():
         return
     if os.environ.get("CI"):
         raise pytest.UsageError(f"CI must have {SHARED}: the tests of shared data must run")
-    skip = pytest.mark.skip(reason=f"{SHARED} is absent (checkout without ../shared)")
-    for item in items:
-        if "shared" in item.keywords:
-            item.add_marker(skip)
+    dropped = [item for item in items if "shared" in item.keywords]
+    if dropped:
+        items[:] = [item for item in items if "shared" not in item.keywords]
+        config.hook.pytest_deselected(items=dropped)
+        config.stash[_NOT_RUN] = len(dropped)
+
+
+_NOT_RUN = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Say plainly that the tests of ../shared did not run."""
+    count = config.stash.get(_NOT_RUN, 0)
+    if count:
+        terminalreporter.write_line(
+            f"NOT RUN: {count} tests of {SHARED} (folder absent in this checkout)", red=True)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -818,39 +818,54 @@ def parameter(ctx: Context, a: dict[str, Any]) -> Result:
 
 @dataclass(frozen=True)
 class Fact:
-    """A fact's function and the arguments it takes."""
+    """A fact's function, the arguments it takes, and what it reads from the pack by name."""
 
     fn: Callable[[Context, dict[str, Any]], Result]
     required: frozenset[str]
     optional: frozenset[str] = frozenset()
+    parameters: frozenset[str] = frozenset()
+    valuesets: frozenset[str] = frozenset()
+    choices: tuple[tuple[str, frozenset[Any]], ...] = ()
 
 
-def _f(fn: Callable[[Context, dict[str, Any]], Result], required: str, optional: str = ""
-       ) -> Fact:
-    return Fact(fn, frozenset(required.split()), frozenset(optional.split()))
+def _f(fn: Callable[[Context, dict[str, Any]], Result], required: str, optional: str = "",
+       parameters: str = "", valuesets: str = "") -> Fact:
+    return Fact(fn, frozenset(required.split()), frozenset(optional.split()),
+                frozenset(parameters.split()), frozenset(valuesets.split()))
+
+
+STARTBACK_PARAMETERS = ("startback_items startback_subscale_items "
+                        "startback_item9_scoring_answers startback_low_max_total "
+                        "startback_high_min_subscale")
 
 
 FACTS: dict[str, Fact] = {
-    "condition": _f(condition, "valueset", "status within_days"),
-    "finding": _f(finding, "valueset", "within_days"),
+    "condition": replace(_f(condition, "valueset", "status within_days"),
+                         choices=(("status", frozenset({"active", "any"})),)),
+    "finding": _f(finding, "valueset", "within_days", valuesets="observation-negative"),
     "observation_value": _f(observation_value, "valueset op value", "unit within_days"),
     "lab_high": _f(lab_high, "valueset", "within_days"),
     "lab_low": _f(lab_low, "valueset", "within_days"),
-    "lab_positive": _f(lab_positive, "valueset", "within_days value unit"),
+    "lab_positive": _f(lab_positive, "valueset", "within_days value unit",
+                       valuesets="observation-positive observation-negative"),
     "observation_recorded": _f(observation_recorded, "valueset", "within_days"),
     "weight_loss": _f(weight_loss, "valueset percent", "within_days"),
-    "medication": _f(medication, "valueset", "status min_days within_days source"),
+    "medication": replace(_f(medication, "valueset", "status min_days within_days source"),
+                          choices=(("status", frozenset({"active", "any"})),
+                                   ("source", frozenset({"record", "draft", "any"})))),
     "procedure": _f(procedure, "valueset", "within_days"),
     "service_request": _f(service_request, "valueset", "within_days status"),
     "prior_imaging": _f(prior_imaging, "valueset", "within_days"),
     "answer": _f(answer, "item", "equals op value within_days"),
     "answer_date_within": _f(answer_date_within, "item days"),
-    "startback": _f(startback, "risk"),
+    "startback": replace(_f(startback, "risk", parameters=STARTBACK_PARAMETERS),
+                         choices=(("risk", frozenset({"low", "medium", "high"})),)),
     "age": _f(age, "op value"),
-    "sex": _f(sex, "is"),
+    "sex": replace(_f(sex, "is"), choices=(("is", frozenset({"female", "male"})),)),
     "symptom_duration": _f(symptom_duration, "valueset op days"),
     "order": _f(order, "valueset"),
-    "hook": _f(hook, "is"),
+    "hook": replace(_f(hook, "is"), choices=(("is", frozenset({
+        "patient-view", "order-select", "order-sign"})),)),
     "parameter": _f(parameter, "name equals"),
 }
 VALUESET_ARGS = {"valueset"}

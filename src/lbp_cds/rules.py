@@ -261,6 +261,17 @@ class RuleEngine:
                                  f"unexpected {sorted(extra)}")
         resolved: dict[str, Any] = {}
         k = self.knowledge
+        for arg, allowed in fact.choices:
+            if arg in args and args[arg] not in allowed:
+                raise KnowledgeError(f"{where}: fact {name} {arg} must be one of "
+                                     f"{sorted(allowed)}, got {args[arg]!r}")
+        for pname in sorted(fact.parameters):
+            if pname not in k.parameters:
+                raise KnowledgeError(f"{where}: fact {name} needs parameter {pname}")
+        for vs_id in sorted(fact.valuesets):
+            if vs_id not in k.valuesets:
+                raise KnowledgeError(f"{where}: fact {name} needs value set {vs_id}")
+            k.valueset(vs_id)
         for key, value in args.items():
             try:
                 value = k.param(value)

@@ -1,0 +1,125 @@
+"""Lint of the real knowledge pack (cds_services/): it loads, compiles, is complete and covered."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fhir.resources.R4B import get_fhir_model_class
+
+from lbp_cds import knowledge
+from lbp_cds.facts import PRESENT, Context
+from lbp_cds.fhir_data import record_from_resources
+from lbp_cds.lint import lint
+from lbp_cds.rules import All, Any_, AtLeast, Leaf, Node, Not, RuleEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = ROOT / "cds_services"
+SCENARIOS = sorted((ROOT / "fixtures" / "scenarios").glob("*.yaml"))
+# Facts that place a patient in scope rather than describe the finding a rule is about.
+CONTEXT_FACTS = {"age", "sex", "hook", "parameter", "symptom_duration", "order"}
+RULE_IDS_REQUIRED = [
+    "CES-1", "NEU-1", "MAL-1", "MAL-2", "MAL-3", "INF-1", "IMM-1", "FX-1", "SURG-1", "APP-1",
+    "STONE-1", "PYE-1", "GYN-ECT-1", "GYN-TOR-1", "GYN-1", "AAA-1", "AAA-2", "PAD-1", "PREG-1",
+    "CC-1", "CC-2", "CC-3", "OPI-1", "STER-1", "LV-1", "LV-2", "LV-4", "LV-5",
+]
+
+
+@pytest.fixture(scope="module")
+def pack() -> knowledge.Knowledge:
+    return knowledge.load(PACK)
+
+
+@pytest.fixture(scope="module")
+def engine(pack: knowledge.Knowledge) -> RuleEngine:
+    return RuleEngine(pack)
+
+
+def test_the_pack_loads_compiles_and_lints_clean(pack, engine):
+    assert lint(pack) == []
+
+
+def test_every_rule_of_the_clinical_specification_is_there(pack):
+    ids = {r.id for r in pack.rules}
+    assert [r for r in RULE_IDS_REQUIRED if r not in ids] == []
+    assert any(i.startswith("LV-3") for i in ids) and any(i.startswith("CC-STRAT") for i in ids)
+
+
+@pytest.mark.parametrize("folder", ["valuesets", "conceptmaps", "questionnaires"])
+def test_fhir_artefacts_are_valid_r4(folder):
+    for path in sorted((PACK / folder).glob("*.json")):
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        get_fhir_model_class(doc["resourceType"]).model_validate(doc)
+
+
+def test_every_rule_has_provenance_and_plain_words(pack):
+    for rule in pack.rules:
+        assert "When" in rule.rationale and "Then" in rule.rationale, rule.id
+        assert rule.sources, rule.id
+
+
+def test_warning_and_critical_cards_offer_override_reasons(pack):
+    for rule in pack.rules:
+        indicators = {rule.indicator, *(i for i, _ in rule.escalate)}
+        if indicators & {"warning", "critical"}:
+            assert pack.cards[rule.card].get("overrideReasons"), rule.id
+
+
+def test_no_card_recommends_what_guidelines_advise_against(pack):
+    forbidden = ["traction", "lumbar support belt", "corset", "tens ", "bed rest",
+                 "gabapentin", "pregabalin", "prednisone burst", "diazepam"]
+    for card_id, card in pack.cards.items():
+        for suggestion in card.get("suggestions") or []:
+            words = json.dumps(suggestion).lower()
+            assert not [w for w in forbidden if w in words], card_id
+
+
+def test_acupuncture_is_only_a_site_setting(pack):
+    for card_id, card in pack.cards.items():
+        detail = str(card.get("detail", "")).lower()
+        assert "acupuncture" not in detail or "not" in detail, card_id
+
+
+def _leaves(node: Node) -> list[Leaf]:
+    if isinstance(node, Leaf):
+        return [node]
+    if isinstance(node, Not):
+        return []  # what a rule must NOT see is no evidence of nearness
+    children = node.children if isinstance(node, All | Any_ | AtLeast) else []
+    return [leaf for child in children for leaf in _leaves(child)]
+
+
+def _context(case: dict[str, Any], pack: knowledge.Knowledge, hook: str) -> Context:
+    record = record_from_resources(case["patient"]["id"], [case["patient"],
+                                                           *(case.get("resources") or [])],
+                                   draft_orders=case.get("draft_orders") or [])
+    now = datetime.fromisoformat(str(case["now"]).replace("Z", "+00:00"))
+    orders = record.draft_orders()
+    return Context(record, pack, now, hook, orders, orders[0] if orders else None)
+
+
+def test_every_rule_fires_in_a_scenario_and_is_nearly_met_in_another(pack, engine):
+    cases = [yaml.safe_load(p.read_text(encoding="utf-8")) for p in SCENARIOS]
+    fired: dict[str, list[str]] = {}
+    near: dict[str, list[str]] = {}
+    for case in cases:
+        expected = {c["rule"] for c in case["expect"].get("cards") or []}
+        for rule in pack.rules:
+            if case["hook"] not in rule.hooks:
+                continue
+            if rule.id in expected:
+                fired.setdefault(rule.id, []).append(case["id"])
+                continue
+            ctx = _context(case, pack, case["hook"])
+            specific = [leaf for leaf in _leaves(engine.rules[rule.id].when)
+                        if leaf.fact not in CONTEXT_FACTS]
+            if any(leaf.evaluate(ctx, engine).status == PRESENT for leaf in specific):
+                near.setdefault(rule.id, []).append(case["id"])
+    never_fired = [r.id for r in pack.rules if r.id not in fired]
+    never_near = [r.id for r in pack.rules if r.id not in near]
+    assert never_fired == [], f"rules no scenario expects to fire: {never_fired}"
+    assert never_near == [], f"rules with no near-miss scenario: {never_near}"

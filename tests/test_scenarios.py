@@ -1,0 +1,119 @@
+"""The clinical scenario suite: every case of fixtures/scenarios/ through the real knowledge pack.
+
+Each case is a realistic record with a fixed clock; the hook request is built as an EHR would
+(prefetch keys filled from the record by the service's own templates; keys named `unavailable`
+are left out, with no FHIR server to fetch them from) and sent through the WSGI app. The cards
+must be exactly the expected (rule, indicator) pairs, valid CDS Hooks 2.0, and every FHIR
+resource a suggestion carries must be valid R4.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fhir.resources.R4B import get_fhir_model_class
+
+from lbp_cds import create_app
+from lbp_cds.config import Settings
+from lbp_cds.fhir_data import template_type
+from lbp_cds.hooks import response_issues
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = sorted((ROOT / "fixtures" / "scenarios").glob("*.yaml"))
+req = pytest.mark.req
+
+
+def load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def build_request(case: dict[str, Any], services: list[Any]) -> tuple[str, dict[str, Any]]:
+    """(service id, hook request) for a scenario."""
+    hook = case["hook"]
+    service = next(s for s in services if s.hook == hook)
+    patient = case["patient"]
+    record = case.get("resources") or []
+    unavailable = set(case.get("unavailable") or [])
+    prefetch: dict[str, Any] = {}
+    for key, template in service.prefetch.items():
+        if key in unavailable:
+            continue
+        rtype = template_type(template)
+        if rtype == "Patient":
+            prefetch[key] = patient
+        else:
+            prefetch[key] = {"resourceType": "Bundle", "type": "searchset", "entry": [
+                {"resource": r} for r in record if r.get("resourceType") == rtype]}
+    context: dict[str, Any] = {"userId": "Practitioner/scenario", "patientId": patient["id"]}
+    drafts = case.get("draft_orders") or []
+    if hook in ("order-select", "order-sign"):
+        context["draftOrders"] = {"resourceType": "Bundle", "type": "collection",
+                                  "entry": [{"resource": d} for d in drafts]}
+    if hook == "order-select":
+        context["selections"] = case.get("selections") or [
+            f"{d['resourceType']}/{d['id']}" for d in drafts]
+    return service.id, {"hook": hook, "hookInstance": "6f1c1a8e-2f58-4bd2-9c8e-0d4b1f0c9a11",
+                        "context": context, "prefetch": prefetch}
+
+
+@pytest.fixture(scope="module")
+def real_app(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("scenarios")
+    clock: dict[str, datetime] = {}
+    app = create_app(Settings(dev=True, database_url=f"sqlite:///{tmp}/s.sqlite3"),
+                     clock=lambda: clock["now"])
+    app.config["clock"] = clock
+    yield app
+    app.extensions["lbp_cds"].store.engine.dispose()
+
+
+def call(app: Any, case: dict[str, Any]) -> Any:
+    now = datetime.fromisoformat(str(case["now"]).replace("Z", "+00:00"))
+    app.config["clock"]["now"] = now
+    service_id, body = build_request(case, app.extensions["lbp_cds"].knowledge.services)
+    return app.test_client().post(f"/cds-services/{service_id}", json=body)
+
+
+def rule_of(card: dict[str, Any]) -> str:
+    return str(card["extension"]["org.lbp-cds.rule"]["ruleId"])
+
+
+def test_the_suite_is_large_enough():
+    assert len(SCENARIOS) >= 40
+
+
+@req("3", "74", "77", "80", "83", "87", "88", "90", "92", "93", "96", "98", "100", "103", "105",
+     "107", "115", "117", "119", "121", "124", "127", "128", "130", "131", "132", "133", "134",
+     "135", "136", "138", "139", "141", "142", "147", "216", "217", "218", "219", "214", "215")
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_scenario(real_app, path: Path):
+    case = load(path)
+    assert case["id"] == path.stem
+    resp = call(real_app, case)
+    expect = case["expect"]
+    assert resp.status_code == expect.get("status", 200), resp.json
+    if resp.status_code != 200:
+        assert resp.json["resourceType"] == "OperationOutcome"
+        return
+    assert response_issues(resp.json) == []
+    got = Counter((rule_of(c), c["indicator"]) for c in resp.json["cards"])
+    want = Counter((c["rule"], c["indicator"]) for c in expect.get("cards") or [])
+    assert got == want, (f"{case['title']}\n  expected {sorted(want.elements())}\n"
+                         f"  got      {sorted(got.elements())}\n  notes: {expect.get('notes')}")
+    order = {"critical": 0, "warning": 1, "info": 2}
+    ranks = [order[c["indicator"]] for c in resp.json["cards"]]
+    assert ranks == sorted(ranks), "cards must come most urgent first"
+    if "critical" in {c["indicator"] for c in resp.json["cards"]}:
+        assert not [c for c in resp.json["cards"] if rule_of(c).startswith("CC")]
+    for card in resp.json["cards"]:
+        assert len(card["summary"]) < 140
+        for suggestion in card.get("suggestions", []):
+            for action in suggestion.get("actions", []):
+                if "resource" in action:
+                    resource = action["resource"]
+                    get_fhir_model_class(resource["resourceType"]).model_validate(resource)
