@@ -1,0 +1,140 @@
+"""The command line: evaluate offline, check the knowledge, report feedback, install from a wheel."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from lbp_cds.cli import format_cards, main
+from tests.builders import bundle, condition, hook_request, patient, questionnaire_response
+from tests.conftest import MINI, ROOT
+
+
+def write(tmp_path: Path, doc: object) -> Path:
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def mini_pack(monkeypatch):
+    monkeypatch.setenv("LBP_CDS_KNOWLEDGE_DIR", str(MINI))
+
+
+def test_evaluate_a_hook_request(tmp_path, capsys):
+    body = hook_request(prefetch={"patient": patient(), "conditions": bundle(condition("M54.41")),
+                                  "observations": bundle(), "medications": None,
+                                  "questionnaireResponses": bundle(questionnaire_response(
+                                      {"ces-saddle": True}))})
+    assert main(["evaluate", str(write(tmp_path, body)), "--now", "2026-03-02T10:00:00Z"]) == 0
+    out = capsys.readouterr().out
+    assert "!!! CRITICAL  Possible cauda equina syndrome - emergency MRI" in out
+    assert "suggestion: Emergency MRI (recommended)" in out
+
+
+def test_evaluate_a_bundle_as_json(tmp_path, capsys):
+    doc = {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"resource": patient()}, {"resource": condition("M54.41")}]}
+    assert main(["evaluate", str(write(tmp_path, doc)), "--hook", "patient-view",
+                 "--now", "2026-03-02T10:00:00Z", "--json"]) == 0
+    cards = json.loads(capsys.readouterr().out)["cards"]
+    assert [c["extension"]["org.lbp-cds.rule"]["ruleId"] for c in cards] == ["CC"]
+
+
+def test_evaluate_reports_a_bad_request_without_a_trace(tmp_path, capsys):
+    assert main(["evaluate", str(write(tmp_path, {"hook": "patient-view"}))]) == 1
+    err = capsys.readouterr().err
+    assert "400" in err and "hookInstance" in err and "Traceback" not in err
+
+
+def test_evaluate_says_what_a_412_lacks(tmp_path, capsys):
+    body = hook_request(prefetch={"patient": patient()})
+    assert main(["evaluate", str(write(tmp_path, body))]) == 1
+    assert "prefetch.conditions" in capsys.readouterr().err
+
+
+def test_check_knowledge(capsys):
+    assert main(["check-knowledge", "--knowledge-dir", str(MINI)]) == 0
+    assert "6 rules" in capsys.readouterr().out
+
+
+def test_check_knowledge_refuses_a_broken_pack(tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(MINI, tmp_path / "p")
+    (tmp_path / "p" / "parameters.yaml").write_text("parameters: [oops\n")
+    assert main(["check-knowledge", "--knowledge-dir", str(tmp_path / "p")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_feedback_report_reads_the_store(tmp_path, monkeypatch, capsys, make_app):
+    db = f"sqlite:///{tmp_path}/store.sqlite3"
+    app = make_app(database_url=db)
+    client = app.test_client()
+    body = hook_request(hook="order-sign", drafts=[{
+        "resourceType": "ServiceRequest", "id": "sr1", "status": "draft", "intent": "order",
+        "subject": {"reference": "Patient/p1"}, "authoredOn": "2026-03-01",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "30679-5"}]}}],
+        prefetch={"patient": patient(), "conditions": bundle(condition("M54.41"))})
+    card = client.post("/cds-services/mini-order-sign", json=body).json["cards"][0]
+    client.post("/cds-services/mini-order-sign/feedback", json={"feedback": [{
+        "card": card["uuid"], "outcome": "overridden",
+        "overrideReason": {"reason": card["overrideReasons"][0]},
+        "outcomeTimestamp": "2026-03-02T10:05:00Z"}]})
+    monkeypatch.setenv("LBP_CDS_DATABASE_URL", db)
+    assert main(["feedback-report"]) == 0
+    out = capsys.readouterr().out
+    assert "LV" in out and "100.0%" in out and "Red flag present" in out
+
+
+def test_serve_refuses_to_start_without_clients(tmp_path):
+    env = dict(os.environ, LBP_CDS_DATABASE_URL=f"sqlite:///{tmp_path}/s.sqlite3",
+               LBP_CDS_KNOWLEDGE_DIR=str(MINI), LBP_CDS_PUBLIC_BASE_URL="https://cds.example.org")
+    proc = subprocess.run([sys.executable, "-m", "lbp_cds.cli", "serve", "--port", "18099"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "no trusted CDS clients" in proc.stderr and "--dev" in proc.stderr
+
+
+def test_format_cards_without_cards():
+    assert format_cards([], "lbp-triage", "patient-view") == "lbp-triage (patient-view): no cards."
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_and_finds_its_knowledge_without_the_checkout(tmp_path):
+    """pip install of the built wheel, run from elsewhere: the bundled knowledge is found."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                    "-q", "-w", str(wheels), str(ROOT)], check=True, timeout=300)
+    (wheel,) = wheels.glob("lbp_cds-*.whl")
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False)
+    py = env_dir / "bin" / "python"
+    site = next((env_dir / "lib").glob("python3*/site-packages"))
+    # The dependencies come from the test venv's site-packages (no download); its .pth files,
+    # the editable install of this checkout among them, are not processed from there.
+    import sysconfig
+
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(site), str(wheel)], check=True, timeout=300)
+    # The console script as pip would write it for this venv's interpreter.
+    (env_dir / "bin" / "lbp-cds").write_text(
+        f"#!{py}\nimport sys\nfrom lbp_cds.cli import main\nsys.exit(main())\n")
+    (env_dir / "bin" / "lbp-cds").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LBP_CDS_")}
+    proc = subprocess.run([str(env_dir / "bin" / "lbp-cds"), "check-knowledge"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert str(env_dir) in proc.stdout  # the pack inside site-packages, not the checkout
+    fixtures = subprocess.run(
+        [str(py), "-c", "from lbp_cds.fixtures import load_scenarios; "
+         "print(len(load_scenarios()))"], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=120)
+    assert fixtures.returncode == 0 and int(fixtures.stdout) >= 40, fixtures.stderr
