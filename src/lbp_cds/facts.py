@@ -266,7 +266,7 @@ def finding(ctx: Context, a: dict[str, Any]) -> Result:
 
 
 def _quantities(ob: Any, vs: ValueSet) -> list[tuple[Any, Any]]:
-    """(coding, Quantity) pairs of an Observation for codes in the value set."""
+    """(coding, Quantity) pairs of a parsed Observation for codes in the value set."""
     out = []
     coding = match(ob.code, vs)
     if coding is not None and ob.valueQuantity is not None:
@@ -280,64 +280,154 @@ def _quantities(ob: Any, vs: ValueSet) -> list[tuple[Any, Any]]:
 
 def convert(quantity: Any, unit: str | None) -> float | None:
     """A Quantity's value in ``unit`` (UCUM), or None when it cannot be converted."""
-    if quantity.value is None:
+    return convert_value(quantity.value, quantity.code or quantity.unit, unit)
+
+
+def convert_value(value: Any, have: str | None, unit: str | None) -> float | None:
+    """A number in unit ``have`` expressed in ``unit`` (UCUM), or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
         return None
-    value = float(quantity.value)
+    number = float(value)
     if not unit:
-        return value
-    have = quantity.code or quantity.unit or ""
-    have = UNIT_ALIASES.get(have, have)
+        return number
+    have = UNIT_ALIASES.get(have or "", have or "")
     if have == unit:
-        return value
+        return number
     fn = UNIT_CONVERSIONS.get((have, unit))
-    return fn(value) if fn else None
+    return fn(number) if fn else None
+
+
+# -- raw screening --------------------------------------------------------------------------
+# Observations are most of a record. Facts over measured values screen the raw JSON first and
+# parse (validate) only the resources they keep as evidence; a resource that would have been
+# evidence but does not parse is counted and reported as unreadable, never silently dropped.
+def _raw_match(concept: Any, vs: ValueSet) -> dict[str, Any] | None:
+    if not isinstance(concept, dict):
+        return None
+    for coding in concept.get("coding") or ():
+        if isinstance(coding, dict) and vs.contains(coding.get("system"), coding.get("code")):
+            return coding
+    return None
+
+
+def _raw_quantities(raw: dict[str, Any], vs: ValueSet) -> list[dict[str, Any]]:
+    out = []
+    qty = raw.get("valueQuantity")
+    if isinstance(qty, dict) and _raw_match(raw.get("code"), vs) is not None:
+        out.append(qty)
+    for comp in raw.get("component") or ():
+        if isinstance(comp, dict) and isinstance(comp.get("valueQuantity"), dict) \
+                and _raw_match(comp.get("code"), vs) is not None:
+            out.append(comp["valueQuantity"])
+    return out
+
+
+def _raw_observations(ctx: Context, vs: ValueSet, days: float | None
+                      ) -> list[tuple[int, dict[str, Any], datetime | None]]:
+    start = since(ctx, days)
+    out = []
+    for pos, raw in ctx.record.coded_raw("Observation", vs, since=start):
+        if raw.get("status") not in OBSERVATION_OK:
+            continue
+        when = ctx.record.raw_date("Observation", pos)
+        if start is not None and when is None:
+            continue
+        out.append((pos, raw, when))
+    return out
+
+
+def _unreadable(a: dict[str, Any], count: int) -> Result:
+    return Result.not_known(f"{a['label']}: {count} result(s) could not be read (not valid "
+                            "FHIR R4)")
 
 
 def observation_value(ctx: Context, a: dict[str, Any]) -> Result:
     """A measured value in the window meets the comparison."""
     vs: ValueSet = a["valueset"]
     op, limit, unit = a["op"], float(a["value"]), a.get("unit")
-    met, seen = [], []
-    for ob in _observations(ctx, vs, a.get("within_days")):
+    met: list[Evidence] = []
+    seen = unreadable = 0
+    for pos, raw, _when in _raw_observations(ctx, vs, a.get("within_days")):
+        values = [convert_value(q.get("value"), q.get("code") or q.get("unit"), unit)
+                  for q in _raw_quantities(raw, vs)]
+        values = [v for v in values if v is not None]
+        if not values:
+            continue
+        if not any(OPS[op](v, limit) for v in values):
+            seen += 1
+            continue
+        ob = ctx.record.parse("Observation", pos)
+        if ob is None:
+            unreadable += 1
+            continue
         for coding, qty in _quantities(ob, vs):
             value = convert(qty, unit)
-            if value is None:
-                continue
-            ev = Evidence(f"Observation: {describe(coding)}",
-                          f"{qty.value} {qty.unit or qty.code or ''}".strip(),
-                          day(observation_time(ob)), ref(ob))
-            (met if OPS[op](value, limit) else seen).append(ev)
+            if value is not None and OPS[op](value, limit):
+                met.append(Evidence(f"Observation: {describe(coding)}",
+                                    f"{qty.value} {qty.unit or qty.code or ''}".strip(),
+                                    day(observation_time(ob)), ref(ob)))
     if met:
         return Result.present(met)
+    if unreadable:
+        return _unreadable(a, unreadable)
     if seen:
-        return Result.absent(seen)
+        return Result.absent()
     if not ctx.record.available("Observation"):
         return unavailable(ctx, "Observation", a["label"])
     return Result.not_known(
         f"{a['label']}: no measurement{window_words(a.get('within_days'))}")
 
 
+def _raw_flags(raw: dict[str, Any]) -> set[str]:
+    flags = set()
+    for cc in raw.get("interpretation") or ():
+        if isinstance(cc, dict):
+            for coding in cc.get("coding") or ():
+                if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+                    flags.add(coding["code"])
+    return flags
+
+
+def _raw_outside_range(raw: dict[str, Any], qty: dict[str, Any], side: str) -> bool:
+    value = qty.get("value")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    for rr in raw.get("referenceRange") or ():
+        bound = rr.get(side) if isinstance(rr, dict) else None
+        limit = bound.get("value") if isinstance(bound, dict) else None
+        if isinstance(limit, int | float) and not isinstance(limit, bool):
+            if (value > limit) if side == "high" else (value < limit):
+                return True
+    return False
+
+
 def _lab(ctx: Context, a: dict[str, Any], flags: set[str], side: str) -> Result:
     vs: ValueSet = a["valueset"]
-    out, normal = [], []
-    for ob in _observations(ctx, vs, a.get("within_days")):
-        for coding, qty in _quantities(ob, vs) or [(match(ob.code, vs), None)]:
-            abnormal = bool(_flags(ob) & flags)
-            if not abnormal and qty is not None and qty.value is not None:
-                for rr in ob.referenceRange or []:
-                    bound = getattr(rr, side)
-                    if bound is not None and bound.value is not None:
-                        cmp = operator.gt if side == "high" else operator.lt
-                        abnormal = abnormal or cmp(Decimal(qty.value), Decimal(bound.value))
+    out: list[Evidence] = []
+    seen = unreadable = 0
+    for pos, raw, _when in _raw_observations(ctx, vs, a.get("within_days")):
+        quantities = _raw_quantities(raw, vs)
+        abnormal = bool(_raw_flags(raw) & flags) or any(
+            _raw_outside_range(raw, q, side) for q in quantities)
+        if not abnormal:
+            seen += 1
+            continue
+        ob = ctx.record.parse("Observation", pos)
+        if ob is None:
+            unreadable += 1
+            continue
+        pairs = _quantities(ob, vs) or [(match(ob.code, vs) or codings(ob.code)[0], None)]
+        for coding, qty in pairs[:1]:
             shown = f"{qty.value} {qty.unit or qty.code or ''}".strip() if qty else ", ".join(
-                sorted(_flags(ob))) or "result"
-            ev = Evidence(f"Observation: {describe(coding)}", shown,
-                          day(observation_time(ob)), ref(ob))
-            (out if abnormal else normal).append(ev)
+                sorted(_flags(ob))) or "abnormal"
+            out.append(Evidence(f"Observation: {describe(coding)}", shown,
+                                day(observation_time(ob)), ref(ob)))
     if out:
         return Result.present(out)
-    if normal:
-        return Result.absent(normal)
+    if unreadable:
+        return _unreadable(a, unreadable)
+    if seen:
+        return Result.absent()
     if not ctx.record.available("Observation"):
         return unavailable(ctx, "Observation", a["label"])
     return Result.not_known(f"{a['label']}: no result{window_words(a.get('within_days'))}")
@@ -410,12 +500,11 @@ def weight_loss(ctx: Context, a: dict[str, Any]) -> Result:
     """The latest weight is lower than the highest in the window by at least ``percent``."""
     vs: ValueSet = a["valueset"]
     points = []
-    for ob in _observations(ctx, vs, a.get("within_days")):
-        for _coding, qty in _quantities(ob, vs):
-            value = convert(qty, "kg")
-            when = observation_time(ob)
+    for pos, raw, when in _raw_observations(ctx, vs, a.get("within_days")):
+        for qty in _raw_quantities(raw, vs):
+            value = convert_value(qty.get("value"), qty.get("code") or qty.get("unit"), "kg")
             if value is not None and when is not None:
-                points.append((when, value, ob))
+                points.append((when, value, pos))
     if len(points) < 2:
         if not ctx.record.available("Observation"):
             return unavailable(ctx, "Observation", a["label"])
@@ -425,10 +514,15 @@ def weight_loss(ctx: Context, a: dict[str, Any]) -> Result:
     latest = points[-1]
     peak = max(points[:-1], key=lambda p: p[1])
     loss = (peak[1] - latest[1]) / peak[1] * 100.0 if peak[1] else 0.0
-    ev = [Evidence("Body weight", f"{peak[1]:.1f} kg", day(peak[0]), ref(peak[2])),
+    if loss < float(a["percent"]):
+        return Result.absent()
+    models = [ctx.record.parse("Observation", p[2]) for p in (peak, latest)]
+    if any(m is None for m in models):
+        return _unreadable(a, sum(m is None for m in models))
+    ev = [Evidence("Body weight", f"{peak[1]:.1f} kg", day(peak[0]), ref(models[0])),
           Evidence("Body weight", f"{latest[1]:.1f} kg ({loss:.1f} % lower)", day(latest[0]),
-                   ref(latest[2]))]
-    return Result.present(ev) if loss >= float(a["percent"]) else Result.absent(ev)
+                   ref(models[1]))]
+    return Result.present(ev)
 
 
 def _therapy_days(mr: Any, now: datetime) -> float:

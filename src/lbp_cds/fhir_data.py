@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from lbp_cds.errors import Issue, PreconditionFailed
 from lbp_cds.hooks import HookRequest
-from lbp_cds.knowledge import Service, ValueSet, normalize_code
+from lbp_cds.knowledge import ICD10CM, Service, ValueSet, normalize_code
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,18 @@ class PatientRecord:
         self._code_index: dict[str, dict[tuple[str, str], list[int]]] = {}
         self._vs_cache: dict[tuple[str, str], list[int]] = {}
         self._draft_raw = list(draft_orders or [])
+        self._dates: dict[tuple[str, int], datetime | None] = {}
         for rtype, items in resources.items():
             index: dict[tuple[str, str], list[int]] = {}
             for pos, raw in enumerate(items):
                 for system, code in _raw_codings(rtype, raw):
-                    index.setdefault((system, normalize_code(system, code)), []).append(pos)
+                    if system == ICD10CM:
+                        code = normalize_code(system, code)
+                    where = index.get((system, code))
+                    if where is None:
+                        index[(system, code)] = [pos]
+                    elif where[-1] != pos:
+                        where.append(pos)
             self._code_index[rtype] = index
 
     # -- availability -------------------------------------------------------------------------
@@ -162,6 +169,17 @@ class PatientRecord:
         Returns:
             Parsed resources, in record order; those that failed to parse are counted and skipped.
         """
+        return self._parse_many(resource_type,
+                                [pos for pos, _raw in self.coded_raw(resource_type, valueset,
+                                                                     since)])
+
+    def coded_raw(self, resource_type: str, valueset: ValueSet, since: datetime | None = None
+                  ) -> list[tuple[int, dict[str, Any]]]:
+        """Like ``coded`` but unparsed: (position, raw resource) pairs, for cheap screening.
+
+        A fact may screen raw values (a temperature above a threshold) and must then parse,
+        with ``parse``, every resource it uses as evidence.
+        """
         key = (resource_type, valueset.id)
         positions = self._vs_cache.get(key)
         if positions is None:
@@ -171,10 +189,26 @@ class PatientRecord:
                     found.update(where)
             positions = sorted(found)
             self._vs_cache[key] = positions
-        if since is not None:
-            raws = self._raw[resource_type] if positions else []
-            positions = [p for p in positions if not _older_than(resource_type, raws[p], since)]
-        return self._parse_many(resource_type, positions)
+        raws = self._raw.get(resource_type, [])
+        if since is None:
+            return [(p, raws[p]) for p in positions]
+        out = []
+        for p in positions:
+            when = self.raw_date(resource_type, p)
+            if when is None or when >= since:
+                out.append((p, raws[p]))
+        return out
+
+    def raw_date(self, resource_type: str, pos: int) -> datetime | None:
+        """The date of a raw resource (cached)."""
+        key = (resource_type, pos)
+        if key not in self._dates:
+            self._dates[key] = raw_date(resource_type, self._raw[resource_type][pos])
+        return self._dates[key]
+
+    def parse(self, resource_type: str, pos: int) -> Any | None:
+        """The parsed resource at a position (None, counted, when it is not valid FHIR R4)."""
+        return self._parse_one(resource_type, pos, self._raw[resource_type][pos])
 
     def draft_orders(self) -> list[Any]:
         """The draft orders of the hook context, parsed (unparsable ones counted and skipped)."""
@@ -222,27 +256,20 @@ class PatientRecord:
 
 def _raw_codings(resource_type: str, raw: dict[str, Any]) -> Iterator[tuple[str, str]]:
     for path in CODE_PATHS.get(resource_type, ()):
-        for concept in _walk(raw, path):
-            concepts = concept if isinstance(concept, list) else [concept]
-            for cc in concepts:
-                if not isinstance(cc, dict):
-                    continue
-                for coding in cc.get("coding") or ():
-                    if isinstance(coding, dict):
-                        system, code = coding.get("system"), coding.get("code")
-                        if isinstance(system, str) and isinstance(code, str):
-                            yield system, code
-
-
-def _walk(node: Any, path: tuple[str, ...]) -> Iterator[Any]:
-    if not path:
-        yield node
-        return
-    if isinstance(node, list):
-        for item in node:
-            yield from _walk(item, path)
-    elif isinstance(node, dict) and path[0] in node:
-        yield from _walk(node[path[0]], path[1:])
+        node: Any = raw.get(path[0])
+        if len(path) == 2:
+            concepts = [c.get(path[1]) for c in node if isinstance(c, dict)] \
+                if isinstance(node, list) else []
+        else:
+            concepts = node if isinstance(node, list) else [node]
+        for cc in concepts:
+            if not isinstance(cc, dict):
+                continue
+            for coding in cc.get("coding") or ():
+                if isinstance(coding, dict):
+                    system, code = coding.get("system"), coding.get("code")
+                    if isinstance(system, str) and isinstance(code, str):
+                        yield system, code
 
 
 def raw_date(resource_type: str, raw: dict[str, Any]) -> datetime | None:
@@ -269,11 +296,6 @@ def parse_datetime(text: str) -> datetime | None:
     except ValueError:
         return None
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
-def _older_than(resource_type: str, raw: dict[str, Any], since: datetime) -> bool:
-    when = raw_date(resource_type, raw)
-    return when is not None and when < since
 
 
 # -- building the record ----------------------------------------------------------------------
