@@ -15,7 +15,7 @@ from lbp_cds import knowledge
 from lbp_cds.facts import PRESENT, Context
 from lbp_cds.fhir_data import record_from_resources
 from lbp_cds.lint import lint
-from lbp_cds.rules import All, Any_, AtLeast, Leaf, Node, Not, RuleEngine
+from lbp_cds.rules import All, Any_, AtLeast, Leaf, Node, Not, RuleEngine, RuleRef
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK = ROOT / "cds_services"
@@ -84,8 +84,8 @@ def test_acupuncture_is_only_a_site_setting(pack):
         assert "acupuncture" not in detail or "not" in detail, card_id
 
 
-def _leaves(node: Node) -> list[Leaf]:
-    if isinstance(node, Leaf):
+def _leaves(node: Node) -> list[Node]:
+    if isinstance(node, Leaf | RuleRef):
         return [node]
     if isinstance(node, Not):
         return []  # what a rule must NOT see is no evidence of nearness
@@ -116,7 +116,7 @@ def test_every_rule_fires_in_a_scenario_and_is_nearly_met_in_another(pack, engin
                 continue
             ctx = _context(case, pack, case["hook"])
             specific = [leaf for leaf in _leaves(engine.rules[rule.id].when)
-                        if leaf.fact not in CONTEXT_FACTS]
+                        if getattr(leaf, "fact", None) not in CONTEXT_FACTS]
             if any(leaf.evaluate(ctx, engine).status == PRESENT for leaf in specific):
                 near.setdefault(rule.id, []).append(case["id"])
     never_fired = [r.id for r in pack.rules if r.id not in fired]

@@ -548,11 +548,17 @@ def medication(ctx: Context, a: dict[str, Any]) -> Result:
     start = since(ctx, a.get("within_days"))
     candidates: list[tuple[Any, bool]] = []
     if source in ("record", "any"):
-        candidates += [(m, False) for m in ctx.record.coded("MedicationRequest", vs)]
+        coded = {pos for pos, _raw in ctx.record.coded_raw("MedicationRequest", vs)}
+        for pos, raw in ctx.record.raw_all("MedicationRequest"):
+            if pos in coded or _raw_names(raw, vs):
+                model = ctx.record.parse("MedicationRequest", pos)
+                if model is not None:
+                    candidates.append((model, False))
     if source in ("draft", "any"):
         candidates += [(m, True) for m in ctx.record.draft_orders()
                        if m.get_resource_type() == "MedicationRequest"
-                       and match(m.medicationCodeableConcept, vs) is not None]
+                       and (match(m.medicationCodeableConcept, vs) is not None
+                            or _names(m.medicationCodeableConcept, vs))]
     found = []
     for mr, draft in candidates:
         if not draft and want_active and mr.status != "active":
@@ -563,14 +569,39 @@ def medication(ctx: Context, a: dict[str, Any]) -> Result:
         if "min_days" in a and _therapy_days(mr, ctx.now) < float(a["min_days"]):
             continue
         coding = match(mr.medicationCodeableConcept, vs)
-        found.append(Evidence(f"{'Draft order' if draft else 'MedicationRequest'}: "
-                              f"{describe(coding)}", "draft" if draft else str(mr.status),
-                              day(when), ref(mr)))
+        what = describe(coding) if coding is not None else (
+            f"{_drug_text(mr.medicationCodeableConcept)} (recognised by its ingredient name: "
+            "the product code is not in the knowledge's RxNorm map)")
+        found.append(Evidence(f"{'Draft order' if draft else 'MedicationRequest'}: {what}",
+                              "draft" if draft else str(mr.status), day(when), ref(mr)))
     if found:
         return Result.present(found)
     if source != "draft" and not ctx.record.available("MedicationRequest"):
         return unavailable(ctx, "MedicationRequest", a["label"])
     return Result.absent()
+
+
+def _raw_names(raw: dict[str, Any], vs: ValueSet) -> bool:
+    concept = raw.get("medicationCodeableConcept")
+    if not isinstance(concept, dict):
+        return False
+    texts = [concept.get("text")] + [c.get("display") for c in concept.get("coding") or ()
+                                     if isinstance(c, dict) and c.get("system") == RXNORM]
+    return any(isinstance(t, str) and vs.names_ingredient(t) for t in texts)
+
+
+def _names(concept: Any, vs: ValueSet) -> bool:
+    if concept is None:
+        return False
+    texts = [concept.text] + [c.display for c in codings(concept) if c.system == RXNORM]
+    return any(vs.names_ingredient(t) for t in texts if t)
+
+
+def _drug_text(concept: Any) -> str:
+    for c in codings(concept):
+        if c.display:
+            return f"{c.display} (RxNorm {c.code})" if c.code else str(c.display)
+    return str(getattr(concept, "text", "") or "a medication")
 
 
 def procedure(ctx: Context, a: dict[str, Any]) -> Result:

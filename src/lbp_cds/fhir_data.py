@@ -199,6 +199,10 @@ class PatientRecord:
                 out.append((p, raws[p]))
         return out
 
+    def raw_all(self, resource_type: str) -> list[tuple[int, dict[str, Any]]]:
+        """Every raw resource of a type with its position (for screening before parsing)."""
+        return list(enumerate(self._raw.get(resource_type, [])))
+
     def raw_date(self, resource_type: str, pos: int) -> datetime | None:
         """The date of a raw resource (cached)."""
         key = (resource_type, pos)

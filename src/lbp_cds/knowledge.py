@@ -83,6 +83,7 @@ class ValueSet:
     exclude_exact: Mapping[str, frozenset[str]]
     exclude_prefixes: Mapping[str, tuple[str, ...]]
     text_patterns: tuple[re.Pattern[str], ...] = ()
+    ingredient_names: re.Pattern[str] | None = None
 
     def contains(self, system: str | None, code: str | None) -> bool:
         """Tell whether ``system|code`` is a member.
@@ -105,6 +106,12 @@ class ValueSet:
             return True
         prefixes = self.prefixes.get(system)
         return bool(prefixes) and norm.startswith(prefixes)
+
+    def names_ingredient(self, text: str | None) -> bool:
+        """Tell whether a drug's name (an RxNorm display or free text) names an ingredient of
+        the value set: the fallback for product codes the ConceptMap does not know."""
+        return bool(text) and self.ingredient_names is not None and bool(
+            self.ingredient_names.search(text or ""))
 
     def matches_text(self, text: str | None) -> bool:
         """Tell whether free text matches one of the value set's order-text patterns."""
@@ -425,8 +432,18 @@ def _load_valueset(path: Path) -> ValueSet:
                 raise KnowledgeError(f"{path.name}: bad order-text-pattern: {exc}") from None
     if not exact and not prefixes:
         raise KnowledgeError(f"{path.name}: the value set has no codes")
+    # RxNorm ingredient concepts are named by their display ("gabapentin"); products, whose
+    # displays carry strengths and forms, are not names.
+    names = sorted({
+        str(c["display"]).strip().lower()
+        for inc in compose.get("include", []) if inc.get("system") == RXNORM
+        for c in inc.get("concept", [])
+        if c.get("display") and not any(ch.isdigit() for ch in str(c["display"]))
+    })
+    pattern = re.compile(r"\b(?:" + "|".join(re.escape(n) for n in names) + r")\b",
+                         re.IGNORECASE) if names else None
     return ValueSet(path.stem, str(doc.get("url", "")), str(doc.get("title", path.stem)),
-                    exact, prefixes, ex_exact, ex_prefixes, tuple(patterns))
+                    exact, prefixes, ex_exact, ex_prefixes, tuple(patterns), pattern)
 
 
 def _load_conceptmap(path: Path) -> dict[str, frozenset[str]]:
