@@ -186,3 +186,16 @@ def test_broken_packs_are_refused_at_load(tmp_path, edit, message):
     root = _broken_pack(tmp_path, edit)
     with pytest.raises(KnowledgeError, match=message):
         RuleEngine(knowledge.load(root))
+
+
+def test_text_is_the_last_resort_only_for_orders_without_known_codes(engine):
+    local = imaging_order(code="MRI-LSP-01", system="https://hospital.example/orders",
+                          text=None)
+    local["code"]["text"] = "MRI lumbar spine"
+    assert fired(run(engine, [condition("M54.41")], hook="order-sign",
+                     orders=[local])) == [("LV", "warning")]
+    # A LOINC-coded order is judged by its code: a LOINC code outside the value set is not
+    # lumbar imaging, whatever its text says.
+    loinc = imaging_order(code="24558-9")
+    loinc["code"]["text"] = "MRI lumbar spine"
+    assert fired(run(engine, [condition("M54.41")], hook="order-sign", orders=[loinc])) == []

@@ -327,7 +327,8 @@ def _raw_observations(ctx: Context, vs: ValueSet, days: float | None
     start = since(ctx, days)
     out = []
     for pos, raw in ctx.record.coded_raw("Observation", vs, since=start):
-        if raw.get("status") not in OBSERVATION_OK:
+        status = raw.get("status")
+        if not isinstance(status, str) or status not in OBSERVATION_OK:  # a list is unhashable
             continue
         when = ctx.record.raw_date("Observation", pos)
         if start is not None and when is None:
@@ -922,6 +923,12 @@ def order(ctx: Context, a: dict[str, Any]) -> Result:
     if coding is not None:
         return Result.present([Evidence(f"Draft order: {describe(coding)}", "draft", "",
                                         ref(target))])
+    # Text is the last resort: only for an order none of whose codes is in a code system the
+    # value set is written in (a local code, or text alone). A LOINC- or CPT-coded order is
+    # judged by its code, so "MR ... WO and W contrast" is never read as "WO" by its text.
+    known_systems = set(vs.exact) | set(vs.prefixes)
+    if any(c.system in known_systems for c in codings(concept)):
+        return Result.absent()
     texts = [getattr(concept, "text", None)] + [c.display for c in codings(concept)]
     for text in texts:
         if text and vs.matches_text(text):
