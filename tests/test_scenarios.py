@@ -20,7 +20,7 @@ from fhir.resources.R4B import get_fhir_model_class
 
 from lbp_cds import create_app
 from lbp_cds.config import Settings
-from lbp_cds.fhir_data import template_type
+from lbp_cds.fixtures import hook_request, read_scenario
 from lbp_cds.hooks import response_issues
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,35 +30,6 @@ req = pytest.mark.req
 
 def load(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
-
-
-def build_request(case: dict[str, Any], services: list[Any]) -> tuple[str, dict[str, Any]]:
-    """(service id, hook request) for a scenario."""
-    hook = case["hook"]
-    service = next(s for s in services if s.hook == hook)
-    patient = case["patient"]
-    record = case.get("resources") or []
-    unavailable = set(case.get("unavailable") or [])
-    prefetch: dict[str, Any] = {}
-    for key, template in service.prefetch.items():
-        if key in unavailable:
-            continue
-        rtype = template_type(template)
-        if rtype == "Patient":
-            prefetch[key] = patient
-        else:
-            prefetch[key] = {"resourceType": "Bundle", "type": "searchset", "entry": [
-                {"resource": r} for r in record if r.get("resourceType") == rtype]}
-    context: dict[str, Any] = {"userId": "Practitioner/scenario", "patientId": patient["id"]}
-    drafts = case.get("draft_orders") or []
-    if hook in ("order-select", "order-sign"):
-        context["draftOrders"] = {"resourceType": "Bundle", "type": "collection",
-                                  "entry": [{"resource": d} for d in drafts]}
-    if hook == "order-select":
-        context["selections"] = case.get("selections") or [
-            f"{d['resourceType']}/{d['id']}" for d in drafts]
-    return service.id, {"hook": hook, "hookInstance": "6f1c1a8e-2f58-4bd2-9c8e-0d4b1f0c9a11",
-                        "context": context, "prefetch": prefetch}
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +43,13 @@ def real_app(tmp_path_factory: pytest.TempPathFactory):
     app.extensions["lbp_cds"].store.engine.dispose()
 
 
-def call(app: Any, case: dict[str, Any]) -> Any:
-    now = datetime.fromisoformat(str(case["now"]).replace("Z", "+00:00"))
-    app.config["clock"]["now"] = now
-    service_id, body = build_request(case, app.extensions["lbp_cds"].knowledge.services)
-    return app.test_client().post(f"/cds-services/{service_id}", json=body)
+def call(app: Any, path: Path) -> Any:
+    scenario = read_scenario(path)
+    app.config["clock"]["now"] = scenario.now
+    service = next(s for s in app.extensions["lbp_cds"].knowledge.services
+                   if s.hook == scenario.hook)
+    body = hook_request(scenario, service.prefetch)
+    return app.test_client().post(f"/cds-services/{service.id}", json=body)
 
 
 def rule_of(card: dict[str, Any]) -> str:
@@ -94,7 +67,7 @@ def test_the_suite_is_large_enough():
 def test_scenario(real_app, path: Path):
     case = load(path)
     assert case["id"] == path.stem
-    resp = call(real_app, case)
+    resp = call(real_app, path)
     expect = case["expect"]
     assert resp.status_code == expect.get("status", 200), resp.json
     if resp.status_code != 200:

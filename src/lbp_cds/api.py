@@ -137,7 +137,20 @@ def read_json_body() -> Any:
     length = request.content_length
     if length is not None and length > settings.max_body_bytes:
         raise PayloadTooLarge(f"body of {length} bytes exceeds {settings.max_body_bytes}")
-    body = request.stream.read(settings.max_body_bytes + 1)
+    stream = request.stream
+    if length is None and request.environ.get("wsgi.input_terminated"):
+        # Chunked body: werkzeug's request.stream stops silently at the limit (an oversized
+        # body would be parsed truncated), so read the server-terminated input ourselves.
+        stream = request.environ["wsgi.input"]
+    parts: list[bytes] = []
+    size = 0
+    while size <= settings.max_body_bytes:  # loop: a read may return fewer bytes than asked
+        part = stream.read(min(65_536, settings.max_body_bytes + 1 - size))
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    body = b"".join(parts)
     if len(body) > settings.max_body_bytes:
         raise PayloadTooLarge(f"body exceeds {settings.max_body_bytes} bytes")
     return hooks.parse_json(body, settings.max_json_depth)

@@ -34,6 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, ConfigError | KnowledgeError):
             print(f"lbp-cds: {exc}", file=sys.stderr)
             return 2
+        from lbp_cds.fixtures import FixtureError
+        from lbp_cds.probe import ProbeError
+
+        if isinstance(exc, FixtureError | ProbeError):
+            print(f"lbp-cds: {exc}", file=sys.stderr)
+            return 1
         if isinstance(exc, CdsError):
             print(f"lbp-cds: {exc.status} {exc.message}", file=sys.stderr)
             for issue in exc.issues:
@@ -82,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--only", action="append", help="scenario id (repeatable; default all)")
     fl.set_defaults(func=cmd_fixtures_load)
 
+    fr = fxs.add_parser("request", help="print a scenario's hook request (dates moved to now)")
+    fr.add_argument("scenario", help="scenario id (see `lbp-cds fixtures list`)")
+    fr.add_argument("--as-written", action="store_true",
+                    help="keep the scenario's own dates instead of moving them to today")
+    fr.set_defaults(func=cmd_fixtures_request)
+    fli = fxs.add_parser("list", help="list the scenarios with their expected cards")
+    fli.set_defaults(func=cmd_fixtures_list)
+
     pr = sub.add_parser("probe", help="act as an EHR: call the service for a patient")
     pr.add_argument("--fhir-server", required=True, help="FHIR R4 base URL")
     pr.add_argument("--token", help="bearer token for the FHIR server")
@@ -122,6 +136,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from lbp_cds.errors import RequestError
     from lbp_cds.fhir_data import load_record
 
+    import logging
+
+    logging.getLogger("lbp_cds").setLevel(logging.ERROR)  # offline: no dev-mode banner
     now = _parse_now(args.now)
     doc = hooks.parse_json(args.file.read_bytes(), 10_000)
     if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
@@ -273,6 +290,29 @@ def cmd_fixtures_load(args: argparse.Namespace) -> int:
     loaded = load_into_server(args.fhir_server, args.token, args.only)
     for scenario_id, count in loaded:
         print(f"loaded {scenario_id}: {count} resources")
+    return 0
+
+
+def cmd_fixtures_request(args: argparse.Namespace) -> int:
+    """Print the hook request of one scenario, as an EHR would send it today."""
+    from lbp_cds.fixtures import hook_request, load_scenarios, rebase
+    from lbp_cds.knowledge import load
+
+    (scenario,) = load_scenarios([args.scenario])
+    if not args.as_written:
+        scenario = rebase(scenario, datetime.now(timezone.utc))
+    service = next(s for s in load().services if s.hook == scenario.hook)
+    print(json.dumps(hook_request(scenario, service.prefetch), indent=2))
+    return 0
+
+
+def cmd_fixtures_list(args: argparse.Namespace) -> int:
+    """List the scenarios: id, hook, expected cards."""
+    from lbp_cds.fixtures import load_scenarios
+
+    for s in load_scenarios():
+        cards = ", ".join(f"{r} ({i})" for r, i in s.expected_cards) or "no card"
+        print(f"{s.id:<52} {s.hook:<13} {cards}")
     return 0
 
 

@@ -290,7 +290,8 @@ def convert_value(value: Any, have: str | None, unit: str | None) -> float | Non
     number = float(value)
     if not unit:
         return number
-    have = UNIT_ALIASES.get(have or "", have or "")
+    have = have if isinstance(have, str) else ""  # a malformed Quantity.code/unit
+    have = UNIT_ALIASES.get(have, have)
     if have == unit:
         return number
     fn = UNIT_CONVERSIONS.get((have, unit))
@@ -301,11 +302,18 @@ def convert_value(value: Any, have: str | None, unit: str | None) -> float | Non
 # Observations are most of a record. Facts over measured values screen the raw JSON first and
 # parse (validate) only the resources they keep as evidence; a resource that would have been
 # evidence but does not parse is counted and reported as unreadable, never silently dropped.
+def _items(value: Any) -> list[Any] | tuple[()]:
+    """A JSON array as is; anything else (a malformed resource's scalar or object) as empty."""
+    return value if isinstance(value, list) else ()
+
+
 def _raw_match(concept: Any, vs: ValueSet) -> dict[str, Any] | None:
     if not isinstance(concept, dict):
         return None
-    for coding in concept.get("coding") or ():
-        if isinstance(coding, dict) and vs.contains(coding.get("system"), coding.get("code")):
+    for coding in _items(concept.get("coding")):
+        if isinstance(coding, dict) and isinstance(coding.get("system"), str) \
+                and isinstance(coding.get("code"), str) \
+                and vs.contains(coding["system"], coding["code"]):
             return coding
     return None
 
@@ -315,7 +323,7 @@ def _raw_quantities(raw: dict[str, Any], vs: ValueSet) -> list[dict[str, Any]]:
     qty = raw.get("valueQuantity")
     if isinstance(qty, dict) and _raw_match(raw.get("code"), vs) is not None:
         out.append(qty)
-    for comp in raw.get("component") or ():
+    for comp in _items(raw.get("component")):
         if isinstance(comp, dict) and isinstance(comp.get("valueQuantity"), dict) \
                 and _raw_match(comp.get("code"), vs) is not None:
             out.append(comp["valueQuantity"])
@@ -381,9 +389,9 @@ def observation_value(ctx: Context, a: dict[str, Any]) -> Result:
 
 def _raw_flags(raw: dict[str, Any]) -> set[str]:
     flags = set()
-    for cc in raw.get("interpretation") or ():
+    for cc in _items(raw.get("interpretation")):
         if isinstance(cc, dict):
-            for coding in cc.get("coding") or ():
+            for coding in _items(cc.get("coding")):
                 if isinstance(coding, dict) and isinstance(coding.get("code"), str):
                     flags.add(coding["code"])
     return flags
@@ -393,7 +401,7 @@ def _raw_outside_range(raw: dict[str, Any], qty: dict[str, Any], side: str) -> b
     value = qty.get("value")
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
-    for rr in raw.get("referenceRange") or ():
+    for rr in _items(raw.get("referenceRange")):
         bound = rr.get(side) if isinstance(rr, dict) else None
         limit = bound.get("value") if isinstance(bound, dict) else None
         if isinstance(limit, int | float) and not isinstance(limit, bool):
@@ -586,7 +594,7 @@ def _raw_names(raw: dict[str, Any], vs: ValueSet) -> bool:
     concept = raw.get("medicationCodeableConcept")
     if not isinstance(concept, dict):
         return False
-    texts = [concept.get("text")] + [c.get("display") for c in concept.get("coding") or ()
+    texts = [concept.get("text")] + [c.get("display") for c in _items(concept.get("coding"))
                                      if isinstance(c, dict) and c.get("system") == RXNORM]
     return any(isinstance(t, str) and vs.names_ingredient(t) for t in texts)
 

@@ -269,7 +269,7 @@ def _raw_codings(resource_type: str, raw: dict[str, Any]) -> Iterator[tuple[str,
         for cc in concepts:
             if not isinstance(cc, dict):
                 continue
-            for coding in cc.get("coding") or ():
+            for coding in _as_list(cc.get("coding")):
                 if isinstance(coding, dict):
                     system, code = coding.get("system"), coding.get("code")
                     if isinstance(system, str) and isinstance(code, str):
@@ -407,10 +407,9 @@ class FhirFetcher:
             if rt == "OperationOutcome":
                 raise FetchError("the FHIR server answered with an OperationOutcome")
             if rt == "Bundle":
-                for entry in doc.get("entry") or []:
+                for entry in _as_list(doc.get("entry")):
                     res = entry.get("resource") if isinstance(entry, dict) else None
-                    mode = (entry.get("search") or {}).get("mode") if isinstance(entry,
-                                                                                   dict) else None
+                    mode = _search_mode(entry)
                     if isinstance(res, dict) and res.get("resourceType") == rtype and mode != (
                             "outcome"):
                         resources.append(res)
@@ -461,8 +460,18 @@ class FetchError(Exception):
     """A prefetch key could not be fetched; the message says why (never with the token)."""
 
 
+def _as_list(value: Any) -> list[Any]:
+    """``value`` if it is a JSON array, else ``[]`` (a malformed Bundle must not raise)."""
+    return value if isinstance(value, list) else []
+
+
+def _search_mode(entry: Any) -> Any:
+    search = entry.get("search") if isinstance(entry, dict) else None
+    return search.get("mode") if isinstance(search, dict) else None
+
+
 def _next_link(bundle: dict[str, Any], base: str) -> str:
-    for link in bundle.get("link") or []:
+    for link in _as_list(bundle.get("link")):
         if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
             url = str(link["url"])
             # Follow only links on the FHIR server we were given: the token must not leave it.
@@ -564,13 +573,13 @@ def _from_prefetch(value: Any, rtype: str) -> tuple[list[dict[str, Any]] | None,
         return None, ""
     if kind == "Bundle":
         items = [
-            e["resource"] for e in value.get("entry") or []
+            e["resource"] for e in _as_list(value.get("entry"))
             if isinstance(e, dict) and isinstance(e.get("resource"), dict)
             and e["resource"].get("resourceType") == rtype
-            and (e.get("search") or {}).get("mode") != "outcome"
+            and _search_mode(e) != "outcome"
         ]
         next_url = ""
-        for link in value.get("link") or []:
+        for link in _as_list(value.get("link")):
             if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
                 next_url = str(link["url"])
         return items, next_url
@@ -580,8 +589,13 @@ def _from_prefetch(value: Any, rtype: str) -> tuple[list[dict[str, Any]] | None,
 
 
 def _same_patient(items: list[dict[str, Any]], patient_id: str) -> list[dict[str, Any]]:
-    """Drop resources that name another patient (a mixed-up prefetch must not leak into cards)."""
+    """Drop resources that name another patient (a mixed-up prefetch must not leak into cards).
+
+    Some servers ignore a search parameter they do not support and answer with every patient's
+    resources; they are dropped here, and counted in one log line per call.
+    """
     kept = []
+    dropped: Counter[str] = Counter()
     for raw in items:
         if raw.get("resourceType") == "Patient":
             if raw.get("id") in (patient_id, None):
@@ -596,8 +610,10 @@ def _same_patient(items: list[dict[str, Any]], patient_id: str) -> list[dict[str
         if ref is None or ref.rstrip("/").split("/")[-2:] == ["Patient", patient_id]:
             kept.append(raw)
         else:
-            log.warning("dropped a prefetched resource that names another patient",
-                        extra={"resource_type": raw.get("resourceType")})
+            dropped[str(raw.get("resourceType"))] += 1
+    if dropped:
+        log.warning("dropped resources that name another patient",
+                    extra={"dropped": dict(dropped)})
     return kept
 
 
