@@ -283,3 +283,24 @@ def test_cors_on_success_errors_and_preflight(make_app):
     assert "authorization" in pre.headers["Access-Control-Allow-Headers"].lower()
     other = client.get("/cds-services", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_deeply_nested_prefetch_resource_is_skipped_not_a_crash(client):
+    # 400 extensions nest 800 JSON levels (under the parser's 1,024); built as text because
+    # no JSON encoder nests that deep.
+    ext = '{"url": "http://example.org/x", "valueString": "a"}'
+    for _ in range(400):
+        ext = '{"url": "http://example.org/x", "extension": [' + ext + ']}'
+    marker = '"BOMB"'
+    bomb = condition("M54.41", rid="deep") | {"extension": ["BOMB"]}
+    body = json.dumps(hook_request(prefetch=full_prefetch(condition("I10"), bomb)))
+    resp = post(client, "mini-triage", body.replace(marker, ext))
+    assert resp.status_code == 200 and resp.json == {"cards": []}
+
+
+def test_nesting_beyond_what_json_parsing_allows_is_400(client):
+    deep = b"[" * 2000 + b"]" * 2000
+    body = json.dumps(hook_request()).encode().replace(b'"context"', b'"x": ' + deep +
+                                                        b', "context"')
+    resp = post(client, "mini-triage", body)
+    assert resp.status_code == 400

@@ -41,6 +41,7 @@ from lbp_cds.store import Store
 log = logging.getLogger(__name__)
 bp = Blueprint("cds", __name__)
 JSON_TYPES = ("application/json", "application/fhir+json")
+OPAQUE = frozenset({"prefetch"})  # FHIR resources: validated per resource, never walked by us
 
 
 @dataclass
@@ -153,7 +154,7 @@ def read_json_body() -> Any:
     body = b"".join(parts)
     if len(body) > settings.max_body_bytes:
         raise PayloadTooLarge(f"body exceeds {settings.max_body_bytes} bytes")
-    return hooks.parse_json(body, settings.max_json_depth)
+    return hooks.parse_json(body, settings.max_json_depth, opaque=OPAQUE)
 
 
 # -- endpoints ----------------------------------------------------------------------------------

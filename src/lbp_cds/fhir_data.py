@@ -249,7 +249,7 @@ class PatientRecord:
             return self._parsed[key]
         try:
             model = get_fhir_model_class(raw["resourceType"]).model_validate(raw)
-        except (ValidationError, KeyError, ValueError, TypeError) as exc:
+        except (ValidationError, KeyError, ValueError, TypeError, RecursionError) as exc:
             self.parse_failures[str(raw.get("resourceType", bucket))] += 1
             log.info("skipped an unparsable resource",
                      extra={"resource_type": raw.get("resourceType"), "error": type(exc).__name__})

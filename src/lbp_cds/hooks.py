@@ -433,7 +433,7 @@ def _collect_issues(validator: Validator, doc: Any, root: str) -> list[Issue]:
 # --------------------------------------------------------------------------------------------
 
 
-def parse_json(body: bytes, max_depth: int = 64) -> Any:
+def parse_json(body: bytes, max_depth: int = 64, opaque: frozenset[str] = frozenset()) -> Any:
     """Parse a JSON body with orjson and refuse nesting deeper than ``max_depth``.
 
     Depth counts containers: ``1`` and ``"x"`` have depth 0, ``{}`` depth 1, ``{"a": [1]}``
@@ -462,8 +462,13 @@ def parse_json(body: bytes, max_depth: int = 64) -> Any:
         raise RequestError(
             f"Body is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
         ) from None
-    # Level by level: one comprehension per level keeps this a small fraction of orjson's time.
-    level: list[Any] = [doc] if type(doc) in (dict, list) else []
+    # Level by level: one comprehension per level. Top-level keys named in ``opaque`` (the
+    # prefetch: a megabyte of FHIR resources) are not walked: no code of ours recurses into
+    # them (their FHIR validation bounds its own recursion), and orjson caps all nesting.
+    if opaque and type(doc) is dict:
+        level: list[Any] = [{k: v for k, v in doc.items() if k not in opaque}]
+    else:
+        level = [doc] if type(doc) in (dict, list) else []
     depth = 1
     while level:
         if depth > limit:
