@@ -746,3 +746,14 @@ def fhir_server(fhir_server_factory: ServerFactory) -> FhirServer:
         The running server.
     """
     return fhir_server_factory(None, name="sekmet-session")
+
+
+def start_standalone(overrides: Mapping[str, Any] | None = None) -> FhirServer:
+    """Start a sekmet server outside pytest (benchmarks, trying the sandbox suite locally).
+
+    The caller stops it with ``server.stop()``.
+    """
+    import tempfile
+
+    return start_server(ensure_sekmet_venv(), Path(tempfile.mkdtemp(prefix="sekmet-")),
+                        overrides)

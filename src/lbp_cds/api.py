@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from lbp_cds.store import Store
 log = logging.getLogger(__name__)
 bp = Blueprint("cds", __name__)
 JSON_TYPES = ("application/json", "application/fhir+json")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 OPAQUE = frozenset({"prefetch"})  # FHIR resources: validated per resource, never walked by us
 
 
@@ -75,8 +77,8 @@ def json_response(doc: Any, status: int = 200, content_type: str = "application/
 def _start() -> None:
     g.started = time.perf_counter()
     incoming = request.headers.get("X-Request-Id", "")
-    rid = incoming if incoming and len(incoming) <= 64 and incoming.isprintable() else \
-        uuid.uuid4().hex
+    # A caller's id is kept only if it looks like one (it is logged and echoed).
+    rid = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
     g.request_id = rid
     observability.request_id_var.set(rid)
     observability.hook_instance_var.set("")
@@ -344,7 +346,10 @@ def errors_to_outcome(app: Flask) -> None:
     def _cds(exc: CdsError) -> Response:
         if not isinstance(exc, AuthenticationError):
             log.info("request refused", extra={"status": exc.status, "error": exc.message})
-        return json_response(exc.operation_outcome(), exc.status, "application/fhir+json")
+        response = json_response(exc.operation_outcome(), exc.status, "application/fhir+json")
+        if isinstance(exc, AuthenticationError):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="lbp-cds"'  # RFC 6750 §3
+        return response
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
