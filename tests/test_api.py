@@ -37,7 +37,7 @@ def outcome_locations(resp) -> list[str]:
     return [loc for i in resp.json["issue"] for loc in i.get("expression", [])]
 
 
-@req("4", "5", "6")
+@req("4", "5", "6", "8", "13", "29", "36")
 def test_discovery_lists_every_service_without_empty_fields(client):
     resp = client.get("/cds-services")
     assert resp.status_code == 200
@@ -50,6 +50,7 @@ def test_discovery_lists_every_service_without_empty_fields(client):
         assert all(v not in (None, "", [], {}) for v in s.values())
 
 
+@pytest.mark.req("80", "81", "82")
 def test_hook_call_returns_valid_cards_and_records_them(client, app):
     body = hook_request(prefetch=full_prefetch(condition("M54.41"),
                                                observation("8310-5", 38.6)))

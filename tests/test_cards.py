@@ -46,6 +46,7 @@ def empty_fields(node: Any, path: str = "") -> list[str]:
     return found
 
 
+@pytest.mark.req("99", "104", "106", "108", "113", "116")
 def test_critical_card_carries_everything_a_clinician_needs(engine):
     (card,) = render(engine, [condition("M54.41", display="Lumbago with sciatica, right side"),
                               questionnaire_response({"ces-saddle": True})])
@@ -62,6 +63,7 @@ def test_critical_card_carries_everything_a_clinician_needs(engine):
     assert empty_fields(card) == []
 
 
+@pytest.mark.req("118", "123", "129", "131")
 def test_created_service_request_is_a_complete_valid_r4_resource(engine):
     (card,) = render(engine, [condition("M54.41"), questionnaire_response({"ces-saddle": True})])
     action = card["suggestions"][0]["actions"][0]
@@ -76,6 +78,7 @@ def test_created_service_request_is_a_complete_valid_r4_resource(engine):
     assert sr["category"][0]["coding"][0]["code"] == "363679005"
 
 
+@pytest.mark.req("110")
 def test_unknowns_are_listed_and_link_to_the_intake(engine):
     (card,) = render(engine, [condition("M54.41")], base_url="https://cds.example.org")
     assert "**Could not be checked**" in card["detail"]
@@ -84,6 +87,7 @@ def test_unknowns_are_listed_and_link_to_the_intake(engine):
     assert intake and intake[0]["url"] == "https://cds.example.org/questionnaires/lbp-intake"
 
 
+@pytest.mark.req("94")
 def test_escalated_card_uses_its_own_summary(engine):
     crp = observation("1988-5", 50, "mg/L", rid="o2", interpretation=[{"coding": [{
         "code": "H"}]}])
@@ -102,6 +106,7 @@ def test_record_text_cannot_inject_markdown_or_html(engine):
     assert "\\<script\\>" in card["detail"]
 
 
+@pytest.mark.req("125", "132", "133", "134")
 def test_order_suggestions_delete_and_update_the_judged_order(engine):
     order = imaging_order(rid="draft-7", code="24972-2")
     order["note"] = [{"text": "keep me"}]

@@ -121,6 +121,7 @@ def test_full_prefetch_needs_no_server(service):
     assert record.unavailable == {}
 
 
+@pytest.mark.req("34", "60", "61")
 def test_missing_keys_are_fetched_in_parallel_with_the_token(service, fhir):
     serve_patient(fhir)
     record = load(service, fhir, {"patient": patient()})

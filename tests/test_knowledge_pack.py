@@ -123,3 +123,16 @@ def test_every_rule_fires_in_a_scenario_and_is_nearly_met_in_another(pack, engin
     never_near = [r.id for r in pack.rules if r.id not in near]
     assert never_fired == [], f"rules no scenario expects to fire: {never_fired}"
     assert never_near == [], f"rules with no near-miss scenario: {never_near}"
+
+
+@pytest.mark.req("29", "35", "55", "56", "57", "58", "59")
+def test_prefetch_templates_stay_in_the_spec_subset(pack):
+    """Reads and patient-scoped type searches with spec tokens only (CDS Hooks 2.0 §Prefetch)."""
+    import re
+
+    allowed = re.compile(r"^(Patient/\{\{context\.patientId\}\}|[A-Z][A-Za-z]+\?patient="
+                         r"\{\{context\.patientId\}\}(&[a-z_-]+=[A-Za-z0-9|:.,-]+)*)$")
+    for service in pack.services:
+        assert service.prefetch, service.id
+        for key, template in service.prefetch.items():
+            assert allowed.match(template), (service.id, key, template)

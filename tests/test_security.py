@@ -158,7 +158,7 @@ def call(server: ServiceServer, endpoint: str, card: dict[str, Any],
 # --------------------------------------------------------------------------- valid tokens
 
 
-@pytest.mark.req("176", "177", "199", "205")
+@pytest.mark.req("176", "177", "199", "200", "205")
 @pytest.mark.parametrize("alg", ["ES384", "RS384"])
 @pytest.mark.parametrize("endpoint", list(ENDPOINTS))
 def test_valid_token_passes(auth_server: ServiceServer, client_keys: CdsClientKeys,
