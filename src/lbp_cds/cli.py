@@ -256,7 +256,8 @@ def cmd_check_knowledge(args: argparse.Namespace) -> int:
     RuleEngine(pack)
     problems = lint(pack)
     print(f"knowledge at {pack.root}: {len(pack.services)} services, {len(pack.rules)} rules, "
-          f"{len(pack.cards)} cards, {len(pack.valuesets)} value sets, "
+          f"{len(pack.cards)} cards, "
+          f"{sum(1 for v in pack.valuesets if not v.endswith('+products'))} value sets, "
           f"{len(pack.parameters)} parameters, {len(pack.orderables)} orderables")
     for problem in problems:
         print(f"  problem: {problem}")
