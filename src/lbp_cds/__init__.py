@@ -1,96 +1,20 @@
-"""lbp-cds: a CDS Hooks 2.0 service for low back pain radiating to the leg."""
+"""lbp-cds: a CDS Hooks 2.0 service for low back pain radiating to the leg.
+
+``create_app`` lives in ``lbp_cds.app`` and is imported on first use: importing the package must
+not import the application (and with it prometheus_client) before ``lbp-cds serve`` has set up
+the multiprocess metrics directory that gunicorn's workers share.
+"""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from datetime import datetime
-from pathlib import Path
+from typing import Any
 
-import requests
-from flask import Flask
-from flask_cors import CORS
-
-from lbp_cds import api, knowledge
-from lbp_cds.auth import JwtVerifier, load_clients
-from lbp_cds.config import Settings
-from lbp_cds.errors import ConfigError
-from lbp_cds.fhir_data import FetchPolicy, FhirFetcher
-from lbp_cds.rules import RuleEngine
-from lbp_cds.store import Store
-
-log = logging.getLogger(__name__)
+__all__ = ["create_app"]
 
 
-def create_app(
-    config: Settings | None = None,
-    *,
-    clock: Callable[[], datetime] | None = None,
-    session: requests.Session | None = None,
-) -> Flask:
-    """Build the application: load and check the knowledge, open the store, wire the API.
+def __getattr__(name: str) -> Any:
+    if name == "create_app":
+        from lbp_cds.app import create_app
 
-    Args:
-        config: settings (default: from the ``LBP_CDS_*`` environment).
-        clock: the clock hook calls use (tests and scenarios fix it).
-        session: the ``requests.Session`` used towards FHIR servers and JWKS URLs.
-
-    Returns:
-        The Flask application.
-
-    Raises:
-        ConfigError: bad settings, or authentication on without any trusted client.
-        KnowledgeError: the knowledge pack is inconsistent.
-    """
-    settings = config or Settings.from_env()
-    pack = knowledge.load(settings.knowledge_path,
-                          Path(settings.parameters_file) if settings.parameters_file else None)
-    engine = RuleEngine(pack)
-    store = Store(settings.database_url)
-    store.create()
-    http = session or requests.Session()
-    verifier = None
-    if settings.dev:
-        log.warning("DEV MODE: client authentication is OFF; never expose this instance")
-    else:
-        if not settings.public_base_url:
-            raise ConfigError(
-                "LBP_CDS_PUBLIC_BASE_URL is required when authentication is on: a JWT's `aud` "
-                "is checked against this service's public URL, never against the Host header "
-                "a caller sends")
-        if not settings.clients_file:
-            raise ConfigError(
-                "no trusted CDS clients: set LBP_CDS_CLIENTS_FILE (or --clients FILE), "
-                "or run with --dev for local development without authentication")
-        clients = load_clients(Path(settings.clients_file))
-        if not clients:
-            raise ConfigError(f"{settings.clients_file} lists no clients")
-        verifier = JwtVerifier(clients, store, algorithms=settings.algorithms,
-                               leeway_seconds=settings.jwt_leeway_seconds, session=http)
-    policy = FetchPolicy(
-        connect_timeout=settings.fhir_connect_timeout_seconds,
-        read_timeout=settings.fhir_read_timeout_seconds,
-        deadline=settings.fhir_deadline_seconds,
-        max_pages=settings.fhir_max_pages,
-        max_resources=settings.fhir_max_resources,
-        max_response_bytes=settings.fhir_max_response_bytes,
-        parallelism=settings.fhir_parallelism,
-        allow_http=settings.fhir_allow_http,
-    )
-    app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["lbp_cds"] = api.Runtime(
-        settings=settings, knowledge=pack, engine=engine, store=store, verifier=verifier,
-        fetcher=FhirFetcher(http, policy), policy=policy, clock=clock or api.now_utc,
-    )
-    app.register_blueprint(api.bp)
-    api.errors_to_outcome(app)
-    origins = list(settings.origins) or (["*"] if settings.dev else [])
-    if origins:
-        CORS(app, origins=origins, methods=["GET", "POST", "OPTIONS"],
-             allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
-             expose_headers=["Origin", "Accept", "Content-Location", "Location",
-                             "X-Requested-With", "X-Request-Id"],
-             max_age=600)
-    return app
+        return create_app
+    raise AttributeError(f"module 'lbp_cds' has no attribute {name!r}")

@@ -1,0 +1,70 @@
+"""Production serving: gunicorn with several workers, metrics across them, graceful shutdown."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from tests.service_server import ServerFactory, triage_request
+
+
+def test_metrics_add_up_across_workers(service_server: ServerFactory) -> None:
+    server = service_server(args=["--dev", "--workers", "2", "--threads", "2"])
+    session = requests.Session()
+
+    def call(_i: int) -> int:
+        return session.post(server.url("/cds-services/mini-triage"),
+                            json=triage_request(), timeout=30).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(call, range(40)))
+    assert statuses == [200] * 40
+    for _ in range(10):  # whichever worker answers /metrics, it counts every worker's cards
+        text = requests.get(server.url("/metrics"), timeout=10).text
+        match = re.search(r'lbp_cds_cards_total\{indicator="warning",rule="FEV",'
+                          r'service="mini-triage"\} (\d+(?:\.\d+)?)', text)
+        assert match and float(match.group(1)) == 40.0, "every worker's cards are counted"
+    assert "lbp_cds_request_seconds_bucket" in text
+    assert 'lbp_cds_requests_total{endpoint="cds.call_service",hook="patient-view",' in text
+
+
+def test_sigterm_lets_the_request_in_flight_finish(service_server: ServerFactory) -> None:
+    """A hook call waiting on a slow FHIR server is answered before the worker exits."""
+    import socket
+
+    slow = socket.socket()
+    slow.bind(("127.0.0.1", 0))
+    slow.listen(8)  # accepts connections, never answers: the fetch waits for its deadline
+    port = slow.getsockname()[1]
+    server = service_server(env={"LBP_CDS_FHIR_DEADLINE_SECONDS": "2",
+                                 "LBP_CDS_GRACEFUL_TIMEOUT_SECONDS": "10"},
+                            args=["--dev", "--workers", "1"])
+    body = triage_request(prefetch_keys=["patient", "conditions"],
+                          fhirServer=f"http://127.0.0.1:{port}/fhir")
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        resp = requests.post(server.url("/cds-services/mini-triage"), json=body, timeout=30)
+        result["status"], result["json"] = resp.status_code, resp.json()
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    time.sleep(0.5)  # the request is now waiting on the FHIR server
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    worker.join(timeout=30)
+    assert result.get("status") == 200, result
+    # The observations could not be fetched in time: no fever card, and the conservative-care
+    # card says that fever was not checked instead of claiming there is none.
+    cards = result["json"]["cards"]  # type: ignore[index]
+    assert [c["extension"]["org.lbp-cds.rule"]["ruleId"] for c in cards] == ["CC"]
+    assert "Could not be checked" in cards[0]["detail"] and "temperature" in cards[0]["detail"]
+    server.process.wait(timeout=20)
+    assert time.monotonic() - started < 15
+    assert server.process.returncode == 0
+    slow.close()
