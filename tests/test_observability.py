@@ -13,6 +13,8 @@ from tests.builders import bundle, condition, hook_request, patient
 def capture() -> tuple[io.StringIO, logging.Logger]:
     stream = io.StringIO()
     configure_logging("DEBUG", stream)
+    for name in ("lbp_cds", "lbp_cds.api", "lbp_cds.fhir_data"):
+        logging.getLogger(name).setLevel(logging.NOTSET)  # whatever earlier tests set
     return stream, logging.getLogger("lbp_cds.test")
 
 

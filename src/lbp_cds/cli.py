@@ -131,14 +131,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -- evaluate -----------------------------------------------------------------------------------
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate offline and print the cards."""
+    import logging
+
+    package_log = logging.getLogger("lbp_cds")
+    level = package_log.level
+    package_log.setLevel(logging.ERROR)  # offline: no dev-mode banner
+    try:
+        return _evaluate(args)
+    finally:
+        package_log.setLevel(level)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from lbp_cds import api, create_app, hooks
     from lbp_cds.config import Settings
     from lbp_cds.errors import RequestError
     from lbp_cds.fhir_data import load_record
 
-    import logging
-
-    logging.getLogger("lbp_cds").setLevel(logging.ERROR)  # offline: no dev-mode banner
     now = _parse_now(args.now)
     doc = hooks.parse_json(args.file.read_bytes(), 10_000)
     if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
