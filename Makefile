@@ -25,6 +25,7 @@ check-knowledge: $(STAMP)
 	$(BIN)/lbp-cds check-knowledge
 
 bench: $(STAMP)
+	command -v wrk >/dev/null || (apt-get install -y -qq wrk >/dev/null 2>&1 || true)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:

@@ -186,7 +186,7 @@ def call_service(service_id: str) -> Response:
         raise RequestError(f"service {service_id} does not serve hook {req.hook}", [Issue(
             "hook", f"service {service_id} serves {served}, not {req.hook}", "not-supported")])
     try:
-        record = load_record(req, service, rt.fetcher, rt.policy)
+        record = load_record(req, service, rt.fetcher, rt.policy, rt.knowledge.code_universe)
     except PreconditionFailed:
         observability.PRECONDITION_FAILED.labels(service_id).inc()
         raise

@@ -46,6 +46,7 @@ def create_app(
     pack = knowledge.load(settings.knowledge_path,
                           Path(settings.parameters_file) if settings.parameters_file else None)
     engine = RuleEngine(pack)
+    _ = pack.code_universe  # built once, here, not on the first hook call
     store = Store(settings.database_url)
     store.create()
     http = session or requests.Session()
@@ -72,6 +73,7 @@ def create_app(
         read_timeout=settings.fhir_read_timeout_seconds,
         deadline=settings.fhir_deadline_seconds,
         max_pages=settings.fhir_max_pages,
+        page_size=settings.fhir_page_size,
         max_resources=settings.fhir_max_resources,
         max_response_bytes=settings.fhir_max_response_bytes,
         parallelism=settings.fhir_parallelism,

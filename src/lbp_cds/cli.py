@@ -164,7 +164,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not candidates:
             raise RequestError(f"no service for hook {req.hook}")
         service = candidates[0]
-        record = load_record(req, service, None, rt.policy)
+        record = load_record(req, service, None, rt.policy, rt.knowledge.code_universe)
         with app.app_context():
             issued = api.evaluate(rt, service, req, record, now)
         response = {"cards": [c.card for c in issued]}

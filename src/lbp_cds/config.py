@@ -59,7 +59,12 @@ class Settings:
     fhir_deadline_seconds: float = field(
         default=4.0, metadata={"doc": "Overall deadline for all FHIR fetches of one hook call."})
     fhir_max_pages: int = field(
-        default=20, metadata={"doc": "Most `next` pages followed per prefetch key."})
+        default=50, metadata={"doc": "Most `next` pages followed per prefetch key."})
+    fhir_page_size: int = field(
+        default=500,
+        metadata={"doc": "`_count` the service asks for when it searches the FHIR server itself "
+                  "(servers may page smaller; templates sent to EHRs carry no `_count`)."},
+    )
     fhir_max_resources: int = field(
         default=20000, metadata={"doc": "Most resources accepted per hook call (prefetch + fetch)."})
     fhir_max_response_bytes: int = field(
@@ -124,7 +129,8 @@ class Settings:
         """
         positive = ("fhir_connect_timeout_seconds", "fhir_read_timeout_seconds",
                     "fhir_deadline_seconds", "fhir_max_pages", "fhir_max_resources",
-                    "fhir_max_response_bytes", "fhir_parallelism", "max_body_bytes",
+                    "fhir_max_response_bytes", "fhir_parallelism", "fhir_page_size",
+                    "max_body_bytes",
                     "max_json_depth", "workers", "threads", "port")
         for name in positive:
             if getattr(self, name) <= 0:

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from lbp_cds.errors import Issue, PreconditionFailed
 from lbp_cds.hooks import HookRequest
-from lbp_cds.knowledge import ICD10CM, Service, ValueSet, normalize_code
+from lbp_cds.knowledge import ICD10CM, CodeUniverse, Service, ValueSet, normalize_code
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ class FetchPolicy:
     connect_timeout: float = 2.0
     read_timeout: float = 3.0
     deadline: float = 4.0
-    max_pages: int = 20
+    max_pages: int = 50
+    page_size: int = 500
     max_resources: int = 20000
     max_response_bytes: int = 20_000_000
     parallelism: int = 8
@@ -95,6 +96,7 @@ class PatientRecord:
         unavailable: resource types that could not be obtained, with the reason.
         draft_orders: raw draft orders of the hook context (order-select / order-sign).
         statuses: what became of each prefetch key (for logs, metrics and tests).
+        universe: the codes the knowledge can ask for (others are not indexed); None indexes all.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class PatientRecord:
         unavailable: dict[str, str] | None = None,
         draft_orders: list[dict[str, Any]] | None = None,
         statuses: list[KeyStatus] | None = None,
+        universe: CodeUniverse | None = None,
     ) -> None:
         self.patient_id = patient_id
         self._raw = resources
@@ -121,6 +124,8 @@ class PatientRecord:
                 for system, code in _raw_codings(rtype, raw):
                     if system == ICD10CM:
                         code = normalize_code(system, code)
+                    if universe is not None and not universe.wants(system, code):
+                        continue  # no value set holds it: no fact can ask for it
                     where = index.get((system, code))
                     if where is None:
                         index[(system, code)] = [pos]
@@ -258,22 +263,33 @@ class PatientRecord:
         return model
 
 
-def _raw_codings(resource_type: str, raw: dict[str, Any]) -> Iterator[tuple[str, str]]:
+def _raw_codings(resource_type: str, raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """(system, code) of every coding where the type carries the codes rules match on.
+
+    Written for speed (it runs over every resource of the record): plain loops, no generators.
+    """
+    out: list[tuple[str, str]] = []
     for path in CODE_PATHS.get(resource_type, ()):
-        node: Any = raw.get(path[0])
+        node = raw.get(path[0])
+        if node is None:
+            continue
         if len(path) == 2:
-            concepts = [c.get(path[1]) for c in node if isinstance(c, dict)] \
-                if isinstance(node, list) else []
+            concepts = [c.get(path[1]) for c in node if type(c) is dict] \
+                if type(node) is list else []
         else:
-            concepts = node if isinstance(node, list) else [node]
+            concepts = node if type(node) is list else [node]
         for cc in concepts:
-            if not isinstance(cc, dict):
+            if type(cc) is not dict:
                 continue
-            for coding in _as_list(cc.get("coding")):
-                if isinstance(coding, dict):
+            codings = cc.get("coding")
+            if type(codings) is not list:
+                continue
+            for coding in codings:
+                if type(coding) is dict:
                     system, code = coding.get("system"), coding.get("code")
-                    if isinstance(system, str) and isinstance(code, str):
-                        yield system, code
+                    if type(system) is str and type(code) is str:
+                        out.append((system, code))
+    return out
 
 
 def raw_date(resource_type: str, raw: dict[str, Any]) -> datetime | None:
@@ -482,7 +498,7 @@ def _next_link(bundle: dict[str, Any], base: str) -> str:
 
 
 def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | None,
-                policy: FetchPolicy) -> PatientRecord:
+                policy: FetchPolicy, universe: CodeUniverse | None = None) -> PatientRecord:
     """Assemble the patient's record for a hook call.
 
     Args:
@@ -490,6 +506,7 @@ def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | N
         service: the service being called (its prefetch templates and required keys).
         fetcher: fetches missing keys; None disables fetching.
         policy: limits (deadline, budgets).
+        universe: the codes the knowledge can ask for (see ``PatientRecord``).
 
     Returns:
         The record, with each key's status.
@@ -520,6 +537,9 @@ def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | N
             to_fetch[key] = (next_url, rtype)
             continue
         url = resolve_template(template, request)
+        if url is not None and "?" in url and "_count=" not in url:
+            # Our own search: ask for large pages (servers default to 20 and cap as they like).
+            url = f"{url}&_count={policy.page_size}"
         if url is None:
             statuses.append(KeyStatus(key, rtype, "unavailable",
                                       reason="the template's context token has no value"))
@@ -558,7 +578,8 @@ def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | N
             [Issue(f"prefetch.{s.key}",
                    f"{s.key} ({service.prefetch[s.key]}) was not prefetched and could not be "
                    f"fetched: {s.reason}", "not-found") for s in missing])
-    return PatientRecord(patient_id, resources, unavailable, request.draft_orders, statuses)
+    return PatientRecord(patient_id, resources, unavailable, request.draft_orders, statuses,
+                         universe)
 
 
 _MISSING = object()
@@ -596,6 +617,7 @@ def _same_patient(items: list[dict[str, Any]], patient_id: str) -> list[dict[str
     """
     kept = []
     dropped: Counter[str] = Counter()
+    suffix = f"Patient/{patient_id}"
     for raw in items:
         if raw.get("resourceType") == "Patient":
             if raw.get("id") in (patient_id, None):
@@ -604,10 +626,17 @@ def _same_patient(items: list[dict[str, Any]], patient_id: str) -> list[dict[str
         ref = None
         for fld in PATIENT_REFERENCE_FIELDS:
             node = raw.get(fld)
-            if isinstance(node, dict) and isinstance(node.get("reference"), str):
-                ref = node["reference"]
-                break
-        if ref is None or ref.rstrip("/").split("/")[-2:] == ["Patient", patient_id]:
+            if type(node) is dict:
+                ref = node.get("reference")
+                if type(ref) is str:
+                    break
+                ref = None
+        if ref is None:
+            kept.append(raw)
+            continue
+        ref = ref.rstrip("/")
+        # Relative (Patient/1) or absolute (https://ehr/fhir/Patient/1): same patient.
+        if ref == suffix or (ref.endswith(suffix) and ref[-len(suffix) - 1] == "/"):
             kept.append(raw)
         else:
             dropped[str(raw.get("resourceType"))] += 1

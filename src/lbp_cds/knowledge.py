@@ -119,6 +119,18 @@ class ValueSet:
 
 
 @dataclass(frozen=True)
+class CodeUniverse:
+    """The codes worth indexing: exact codes per system, and systems matched by prefix."""
+
+    exact: Mapping[str, frozenset[str]]
+    prefixed_systems: frozenset[str]
+
+    def wants(self, system: str, code: str) -> bool:
+        """Tell whether some value set could contain ``system|code`` (code normalized)."""
+        return system in self.prefixed_systems or code in self.exact.get(system, ())
+
+
+@dataclass(frozen=True)
 class Service:
     """One discovery entry: a service id served for one hook."""
 
@@ -184,6 +196,7 @@ class Knowledge:
     cards: dict[str, dict[str, Any]]
     categories: dict[str, dict[str, str]] = field(default_factory=dict)
     valueset_use: set[str] = field(default_factory=set)
+    _universe: CodeUniverse | None = field(default=None, repr=False)
 
     @property
     def questionnaire_url(self) -> str:
@@ -199,6 +212,21 @@ class Knowledge:
             found.add(item.get("linkId", ""))
             stack.extend(item.get("item", []))
         return found
+
+    @property
+    def code_universe(self) -> CodeUniverse:
+        """Every code any value set (or the RxNorm map) holds: the record indexes only these."""
+        if self._universe is None:
+            exact: dict[str, set[str]] = {}
+            prefixed: set[str] = set()
+            for vs in self.valuesets.values():
+                for system, codes in vs.exact.items():
+                    exact.setdefault(system, set()).update(codes)
+                prefixed.update(s for s, p in vs.prefixes.items() if p)
+            exact.setdefault(RXNORM, set()).update(self.ingredient_map)
+            self._universe = CodeUniverse(
+                {s: frozenset(c) for s, c in exact.items()}, frozenset(prefixed))
+        return self._universe
 
     def services_with_id(self, service_id: str) -> list[Service]:
         """Every discovery entry with that id (the same id may serve several hooks)."""
