@@ -172,6 +172,15 @@ def window_words(days: float | None) -> str:
     return f" in the last {int(days) if float(days).is_integer() else days} days" if days else ""
 
 
+def verdict(ctx: Context, found: list[Evidence], resource_type: str, label: str) -> Result:
+    """Present with the evidence found; else unknown if that data could not be had; else absent."""
+    if found:
+        return Result.present(found)
+    if not ctx.record.available(resource_type):
+        return unavailable(ctx, resource_type, label)
+    return Result.absent()
+
+
 def unavailable(ctx: Context, resource_type: str, label: str) -> Result:
     reason = ctx.record.missing_reason(resource_type) or "not available"
     return Result.not_known(f"{label}: {resource_type} data could not be checked ({reason})")
@@ -211,11 +220,7 @@ def condition(ctx: Context, a: dict[str, Any]) -> Result:
                         IGNORED_VERIFICATION):
                     found.append(Evidence(f"Reason on the draft order: {describe(coding)}",
                                           "referenced by the order", "", ref(target)))
-    if found:
-        return Result.present(found)
-    if not ctx.record.available("Condition"):
-        return unavailable(ctx, "Condition", a["label"])
-    return Result.absent()
+    return verdict(ctx, found, "Condition", a["label"])
 
 
 def _observations(ctx: Context, vs: ValueSet, days: float | None) -> list[Any]:
@@ -498,11 +503,7 @@ def observation_recorded(ctx: Context, a: dict[str, Any]) -> Result:
     found = [Evidence(f"Observation: {describe(match(ob.code, vs) or codings(ob.code)[0])}",
                       "recorded", day(observation_time(ob)), ref(ob))
              for ob in _observations(ctx, vs, a.get("within_days")) if match(ob.code, vs)]
-    if found:
-        return Result.present(found)
-    if not ctx.record.available("Observation"):
-        return unavailable(ctx, "Observation", a["label"])
-    return Result.absent()
+    return verdict(ctx, found, "Observation", a["label"])
 
 
 def weight_loss(ctx: Context, a: dict[str, Any]) -> Result:
@@ -627,11 +628,7 @@ def procedure(ctx: Context, a: dict[str, Any]) -> Result:
             continue
         found.append(Evidence(f"Procedure: {describe(match(p.code, vs))}", str(p.status),
                               day(when), ref(p)))
-    if found:
-        return Result.present(found)
-    if not ctx.record.available("Procedure"):
-        return unavailable(ctx, "Procedure", a["label"])
-    return Result.absent()
+    return verdict(ctx, found, "Procedure", a["label"])
 
 
 def _judged_ids(ctx: Context) -> set[str]:
@@ -653,11 +650,7 @@ def service_request(ctx: Context, a: dict[str, Any]) -> Result:
             continue
         found.append(Evidence(f"ServiceRequest: {describe(match(sr.code, vs))}", str(sr.status),
                               day(when), ref(sr)))
-    if found:
-        return Result.present(found)
-    if not ctx.record.available("ServiceRequest"):
-        return unavailable(ctx, "ServiceRequest", a["label"])
-    return Result.absent()
+    return verdict(ctx, found, "ServiceRequest", a["label"])
 
 
 def prior_imaging(ctx: Context, a: dict[str, Any]) -> Result:
