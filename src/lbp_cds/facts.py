@@ -18,7 +18,7 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-from lbp_cds.fhir_data import PatientRecord
+from lbp_cds.fhir_data import PatientRecord, as_list
 from lbp_cds.knowledge import Knowledge, ValueSet
 
 PRESENT, ABSENT, UNKNOWN = "present", "absent", "unknown"
@@ -307,15 +307,10 @@ def convert_value(value: Any, have: str | None, unit: str | None) -> float | Non
 # Observations are most of a record. Facts over measured values screen the raw JSON first and
 # parse (validate) only the resources they keep as evidence; a resource that would have been
 # evidence but does not parse is counted and reported as unreadable, never silently dropped.
-def _items(value: Any) -> list[Any] | tuple[()]:
-    """A JSON array as is; anything else (a malformed resource's scalar or object) as empty."""
-    return value if isinstance(value, list) else ()
-
-
 def _raw_match(concept: Any, vs: ValueSet) -> dict[str, Any] | None:
     if not isinstance(concept, dict):
         return None
-    for coding in _items(concept.get("coding")):
+    for coding in as_list(concept.get("coding")):
         if isinstance(coding, dict) and isinstance(coding.get("system"), str) \
                 and isinstance(coding.get("code"), str) \
                 and vs.contains(coding["system"], coding["code"]):
@@ -328,7 +323,7 @@ def _raw_quantities(raw: dict[str, Any], vs: ValueSet) -> list[dict[str, Any]]:
     qty = raw.get("valueQuantity")
     if isinstance(qty, dict) and _raw_match(raw.get("code"), vs) is not None:
         out.append(qty)
-    for comp in _items(raw.get("component")):
+    for comp in as_list(raw.get("component")):
         if isinstance(comp, dict) and isinstance(comp.get("valueQuantity"), dict) \
                 and _raw_match(comp.get("code"), vs) is not None:
             out.append(comp["valueQuantity"])
@@ -394,9 +389,9 @@ def observation_value(ctx: Context, a: dict[str, Any]) -> Result:
 
 def _raw_flags(raw: dict[str, Any]) -> set[str]:
     flags = set()
-    for cc in _items(raw.get("interpretation")):
+    for cc in as_list(raw.get("interpretation")):
         if isinstance(cc, dict):
-            for coding in _items(cc.get("coding")):
+            for coding in as_list(cc.get("coding")):
                 if isinstance(coding, dict) and isinstance(coding.get("code"), str):
                     flags.add(coding["code"])
     return flags
@@ -406,7 +401,7 @@ def _raw_outside_range(raw: dict[str, Any], qty: dict[str, Any], side: str) -> b
     value = qty.get("value")
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
-    for rr in _items(raw.get("referenceRange")):
+    for rr in as_list(raw.get("referenceRange")):
         bound = rr.get(side) if isinstance(rr, dict) else None
         limit = bound.get("value") if isinstance(bound, dict) else None
         if isinstance(limit, int | float) and not isinstance(limit, bool):
@@ -595,7 +590,7 @@ def _raw_names(raw: dict[str, Any], vs: ValueSet) -> bool:
     concept = raw.get("medicationCodeableConcept")
     if not isinstance(concept, dict):
         return False
-    texts = [concept.get("text")] + [c.get("display") for c in _items(concept.get("coding"))
+    texts = [concept.get("text")] + [c.get("display") for c in as_list(concept.get("coding"))
                                      if isinstance(c, dict) and c.get("system") == RXNORM]
     return any(isinstance(t, str) and vs.names_ingredient(t) for t in texts)
 

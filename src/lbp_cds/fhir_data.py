@@ -423,7 +423,7 @@ class FhirFetcher:
             if rt == "OperationOutcome":
                 raise FetchError("the FHIR server answered with an OperationOutcome")
             if rt == "Bundle":
-                for entry in _as_list(doc.get("entry")):
+                for entry in as_list(doc.get("entry")):
                     res = entry.get("resource") if isinstance(entry, dict) else None
                     mode = _search_mode(entry)
                     if isinstance(res, dict) and res.get("resourceType") == rtype and mode != (
@@ -476,7 +476,7 @@ class FetchError(Exception):
     """A prefetch key could not be fetched; the message says why (never with the token)."""
 
 
-def _as_list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
     """``value`` if it is a JSON array, else ``[]`` (a malformed Bundle must not raise)."""
     return value if isinstance(value, list) else []
 
@@ -487,7 +487,7 @@ def _search_mode(entry: Any) -> Any:
 
 
 def _next_link(bundle: dict[str, Any], base: str) -> str:
-    for link in _as_list(bundle.get("link")):
+    for link in as_list(bundle.get("link")):
         if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
             url = str(link["url"])
             # Follow only links on the FHIR server we were given: the token must not leave it.
@@ -594,13 +594,13 @@ def _from_prefetch(value: Any, rtype: str) -> tuple[list[dict[str, Any]] | None,
         return None, ""
     if kind == "Bundle":
         items = [
-            e["resource"] for e in _as_list(value.get("entry"))
+            e["resource"] for e in as_list(value.get("entry"))
             if isinstance(e, dict) and isinstance(e.get("resource"), dict)
             and e["resource"].get("resourceType") == rtype
             and _search_mode(e) != "outcome"
         ]
         next_url = ""
-        for link in _as_list(value.get("link")):
+        for link in as_list(value.get("link")):
             if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
                 next_url = str(link["url"])
         return items, next_url
