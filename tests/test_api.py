@@ -305,3 +305,11 @@ def test_nesting_beyond_what_json_parsing_allows_is_400(client):
                                                         b', "context"')
     resp = post(client, "mini-triage", body)
     assert resp.status_code == 400
+
+
+def test_caller_text_never_becomes_a_metric_label(client):
+    body = hook_request(prefetch={}) | {"hook": "evil-hook-1234"}
+    assert post(client, "mini-triage", body).status_code == 400
+    assert post(client, "no-such-service-5678", hook_request()).status_code == 404
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "evil-hook-1234" not in metrics and "no-such-service-5678" not in metrics

@@ -178,10 +178,11 @@ def call_service(service_id: str) -> Response:
     g.service_id = service_id
     authenticate()
     req = hooks.parse_request(read_json_body())
-    g.hook = req.hook
     observability.hook_instance_var.set(req.hook_instance)
     service = next((s for s in services if s.hook == req.hook), None)
-    if service is None:
+    if service is not None:
+        g.hook = service.hook  # a metric label: only hooks we serve, never caller text
+    else:
         served = ", ".join(s.hook for s in services)
         raise RequestError(f"service {service_id} does not serve hook {req.hook}", [Issue(
             "hook", f"service {service_id} serves {served}, not {req.hook}", "not-supported")])
