@@ -66,7 +66,8 @@ class Settings:
                   "(servers may page smaller; templates sent to EHRs carry no `_count`)."},
     )
     fhir_max_resources: int = field(
-        default=20000, metadata={"doc": "Most resources accepted per hook call (prefetch + fetch)."})
+        default=20000,
+        metadata={"doc": "Most resources accepted per hook call (prefetch + fetch)."})
     fhir_max_response_bytes: int = field(
         default=20_000_000, metadata={"doc": "Largest FHIR response body read."})
     fhir_parallelism: int = field(
