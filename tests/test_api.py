@@ -313,3 +313,15 @@ def test_caller_text_never_becomes_a_metric_label(client):
     assert post(client, "no-such-service-5678", hook_request()).status_code == 404
     metrics = client.get("/metrics").get_data(as_text=True)
     assert "evil-hook-1234" not in metrics and "no-such-service-5678" not in metrics
+
+
+def test_a_failing_store_does_not_cost_the_clinician_the_cards(app, client):
+    from sqlalchemy import text
+
+    with app.extensions["lbp_cds"].store.engine.begin() as conn:
+        conn.execute(text("DROP TABLE issued_cards"))
+    body = hook_request(prefetch=full_prefetch(condition("M54.41"), observation("8310-5", 38.6)))
+    resp = post(client, "mini-triage", body)
+    assert resp.status_code == 200 and resp.json["cards"]
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'lbp_cds_store_failures_total{operation="record_issued"}' in metrics

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 from lbp_cds import cards, hooks, observability
@@ -193,7 +194,12 @@ def call_service(service_id: str) -> Response:
         raise
     _observe_fetch(record)
     issued = evaluate(rt, service, req, record, rt.clock())
-    rt.store.record_issued(service.id, req.hook_instance, issued)
+    try:
+        rt.store.record_issued(service.id, req.hook_instance, issued)
+    except SQLAlchemyError as exc:
+        # The clinician's cards matter more than their audit row: answer, and say so loudly.
+        observability.STORE_FAILURES.labels("record_issued").inc()
+        log.error("issued cards were not recorded", extra={"error": type(exc).__name__})
     for c in issued:
         observability.CARDS.labels(service.id, c.rule_id, c.indicator).inc()
     log.info("cards issued", extra={"service": service.id, "hook": req.hook,

@@ -46,6 +46,8 @@ PRECONDITION_FAILED = Counter("lbp_cds_precondition_failed_total", "412 answers 
 AUTH_FAILURES = Counter("lbp_cds_auth_failures_total", "Refused client JWTs", ["endpoint"])
 PARSE_FAILURES = Counter("lbp_cds_unparsable_resources_total", "FHIR resources skipped because "
                          "they did not parse", ["resource_type"])
+STORE_FAILURES = Counter("lbp_cds_store_failures_total", "Store writes that failed",
+                         ["operation"])
 FEEDBACK = Counter("lbp_cds_feedback_total", "Feedback entries received", ["outcome"])
 
 
