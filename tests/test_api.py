@@ -325,3 +325,19 @@ def test_a_failing_store_does_not_cost_the_clinician_the_cards(app, client):
     assert resp.status_code == 200 and resp.json["cards"]
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'lbp_cds_store_failures_total{operation="record_issued"}' in metrics
+
+
+def test_feedback_when_the_store_fails_is_503_and_safe_to_retry(app, client):
+    from sqlalchemy import text
+
+    card = _issue(client)
+    with app.extensions["lbp_cds"].store.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE feedback RENAME TO feedback_gone"))
+    fb = {"feedback": [{"card": card["uuid"], "outcome": "overridden",
+                        "outcomeTimestamp": "2026-03-02T10:05:00Z"}]}
+    resp = client.post("/cds-services/mini-order-sign/feedback", json=fb)
+    assert resp.status_code == 503 and resp.json["issue"][0]["code"] == "transient"
+    with app.extensions["lbp_cds"].store.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE feedback_gone RENAME TO feedback"))
+    again = client.post("/cds-services/mini-order-sign/feedback", json=fb)
+    assert again.status_code == 200 and again.json["stored"] == 1

@@ -32,6 +32,7 @@ from lbp_cds.errors import (
     PreconditionFailed,
     RequestError,
     ServiceNotFound,
+    StoreUnavailable,
     UnprocessableFeedback,
     UnsupportedMediaType,
 )
@@ -258,6 +259,16 @@ def post_feedback(service_id: str) -> Response:
     g.service_id = service_id
     authenticate()
     items = hooks.parse_feedback(read_json_body())
+    try:
+        return _store_feedback(rt, service_id, items)
+    except SQLAlchemyError as exc:
+        observability.STORE_FAILURES.labels("feedback").inc()
+        log.error("feedback could not be stored", extra={"error": type(exc).__name__})
+        raise StoreUnavailable("the feedback could not be stored; nothing was kept, retry "
+                               "later (feedback is idempotent)") from None
+
+
+def _store_feedback(rt: Runtime, service_id: str, items: list[hooks.Feedback]) -> Response:
     problems = []
     for pos, item in enumerate(items):
         stored = rt.store.card(item.card)

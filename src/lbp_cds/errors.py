@@ -15,6 +15,7 @@ an unexpected exception becomes a 500 OperationOutcome without internals.
      +-- UnsupportedMediaType        (415) not application/json
      +-- PreconditionFailed          (412) required FHIR data could not be obtained
      +-- UnprocessableFeedback       (422) feedback well-formed but about nothing we issued
+     +-- StoreUnavailable            (503) the database did not answer; the client may retry
 
     KnowledgeError                   not an HTTP error: the knowledge pack is inconsistent; the
                                      service refuses to start and says where.
@@ -134,6 +135,13 @@ class UnprocessableFeedback(CdsError):
 
     status = 422
     default_code = "processing"
+
+
+class StoreUnavailable(CdsError):
+    """The store could not be read or written (503): nothing was stored, a retry is safe."""
+
+    status = 503
+    default_code = "transient"
 
 
 class KnowledgeError(Exception):

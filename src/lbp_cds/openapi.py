@@ -41,6 +41,7 @@ _ERRORS = {
     "413": "The body is larger than the service accepts (`LBP_CDS_MAX_BODY_BYTES`).",
     "415": "The body is not `application/json` (or `application/fhir+json`).",
     "422": "Well-formed feedback about a card or suggestion this service did not issue.",
+    "503": "The store did not answer: nothing was kept; retrying is safe (feedback is idempotent).",
     "500": "Internal error (an OperationOutcome quoting the request id; nothing else).",
 }
 
@@ -257,7 +258,7 @@ def openapi_document(knowledge: Knowledge) -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "Stored (idempotently).",
                             "content": {JSON: {"schema": _ref("FeedbackReceipt")}}},
-                    **_errors("400", "401", "404", "413", "415", "422", "500"),
+                    **_errors("400", "401", "404", "413", "415", "422", "500", "503"),
                 },
             }},
             "/healthz": {"get": {
