@@ -20,6 +20,7 @@
 // Medplum's own HTTP layer (the server package, PostgreSQL-backed) is not used, so what this
 // server shows is the router's and MemoryRepository's behaviour; see tests/medplum_server.py for
 // the differences from sekmet that the tests rely on.
+import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import { parseArgs } from 'node:util';
 import {
@@ -55,6 +56,28 @@ for (const file of SEARCH_PARAMETER_BUNDLE_FILES) {
   indexSearchParameterBundle(readJson(file));
 }
 
+// The installed router's version (the script runs next to its node_modules).
+function routerVersion() {
+  try {
+    const file = new URL('./node_modules/@medplum/fhir-router/package.json', import.meta.url);
+    return JSON.parse(readFileSync(file, 'utf8')).version;
+  } catch {
+    return 'unknown';
+  }
+}
+
+const CAPABILITY_STATEMENT = {
+  resourceType: 'CapabilityStatement',
+  status: 'active',
+  date: new Date().toISOString(),
+  kind: 'instance',
+  software: { name: '@medplum/fhir-router MemoryRepository (lbp-cds test server)', version: routerVersion() },
+  implementation: { description: 'lbp-cds test server', url: BASE_URL },
+  fhirVersion: '4.0.1',
+  format: ['json'],
+  rest: [{ mode: 'server' }],
+};
+
 const repo = new MemoryRepository();
 const router = new FhirRouter();
 
@@ -86,20 +109,6 @@ function readBody(req) {
   });
 }
 
-// Query string -> { name: value } with repeated names as arrays (the shape Express gives
-// Medplum's router, which parseSearchRequest expects).
-function parseQuery(searchParams) {
-  const query = {};
-  for (const [name, value] of searchParams) {
-    if (name in query) {
-      query[name] = [].concat(query[name], value);
-    } else {
-      query[name] = value;
-    }
-  }
-  return query;
-}
-
 async function handle(req, res) {
   const url = new URL(req.url, BASE_URL);
   if (url.pathname !== PREFIX && !url.pathname.startsWith(PREFIX + '/')) {
@@ -107,8 +116,12 @@ async function handle(req, res) {
     return;
   }
   const pathname = url.pathname.slice(PREFIX.length) || '/';
-  const isMetadata = req.method === 'GET' && pathname === '/metadata';
-  if (!isMetadata && req.headers.authorization !== `Bearer ${TOKEN}`) {
+  if (req.method === 'GET' && pathname === '/metadata') {
+    // FhirRouter has no metadata route (it would search a resource type "metadata").
+    send(res, 200, CAPABILITY_STATEMENT);
+    return;
+  }
+  if (req.headers.authorization !== `Bearer ${TOKEN}`) {
     send(res, 401, unauthorized, { 'WWW-Authenticate': 'Bearer realm="medplum-test"' });
     return;
   }
