@@ -50,6 +50,21 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             f"NOT RUN: {count} tests of {SHARED} (folder absent in this checkout)", red=True)
 
 
+def validate_responses(app: Flask) -> None:
+    """Every hook answer a test sees is checked against our CDS Hooks response schema."""
+    from flask import request
+
+    from lbp_cds.hooks import response_issues
+
+    @app.after_request
+    def _check(response: Any) -> Any:
+        if (request.method == "POST" and request.path.startswith("/cds-services/")
+                and not request.path.endswith("/feedback") and response.status_code == 200):
+            issues = response_issues(response.get_json())
+            assert issues == [], f"invalid CDS Hooks response: {issues}"
+        return response
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Dev settings over the mini knowledge pack and a fresh SQLite file."""
@@ -68,6 +83,7 @@ def make_app(tmp_path: Path) -> Callable[..., Flask]:
         values.update(overrides)
         app = create_app(Settings(**values), clock=clock)
         app.config["TESTING"] = True
+        validate_responses(app)
         return app
 
     return build

@@ -232,6 +232,7 @@ def post_hook(service: ServiceProcess, service_id: str, body: Mapping[str, Any],
     cards: tuple[tuple[str, str], ...] = ()
     locations: tuple[str, ...] = ()
     if response.status_code == 200:
+        assert response_issues(doc) == [], f"invalid CDS Hooks response: {response_issues(doc)}"
         cards = tuple((c["extension"]["org.lbp-cds.rule"]["ruleId"], c["indicator"])
                       for c in doc.get("cards", []))
     elif isinstance(doc, dict) and doc.get("resourceType") == "OperationOutcome":

@@ -22,6 +22,7 @@ from lbp_cds import create_app
 from lbp_cds.config import Settings
 from lbp_cds.fixtures import hook_request, read_scenario
 from lbp_cds.hooks import response_issues
+from tests.conftest import validate_responses
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = sorted((ROOT / "fixtures" / "scenarios").glob("*.yaml"))
@@ -39,6 +40,7 @@ def real_app(tmp_path_factory: pytest.TempPathFactory):
     app = create_app(Settings(dev=True, database_url=f"sqlite:///{tmp}/s.sqlite3"),
                      clock=lambda: clock["now"])
     app.config["clock"] = clock
+    validate_responses(app)
     yield app
     app.extensions["lbp_cds"].store.engine.dispose()
 

@@ -17,7 +17,7 @@ import pytest
 from lbp_cds import create_app
 from lbp_cds.config import Settings
 from lbp_cds.hooks import parse_feedback, response_issues, services_issues
-from tests.conftest import NOW, SHARED
+from tests.conftest import NOW, SHARED, validate_responses
 
 pytestmark = pytest.mark.shared
 req = pytest.mark.req
@@ -38,6 +38,7 @@ def client(tmp_path_factory: pytest.TempPathFactory):
     app = create_app(Settings(dev=True, database_url=f"sqlite:///{tmp}/s.sqlite3",
                               fhir_deadline_seconds=2, fhir_connect_timeout_seconds=1),
                      clock=lambda: NOW)
+    validate_responses(app)
     yield app.test_client()
     app.extensions["lbp_cds"].store.engine.dispose()
 
