@@ -10,8 +10,9 @@ Fixture (register with ``pytest_plugins = [..., "tests.medplum_server"]`` in ``c
 
 ``medplum_server``
     One server for the whole session: ``base_url`` (``http://127.0.0.1:PORT/fhir``), ``token``
-    and ``stop()``, like :class:`tests.fhir_server.FhirServer`. An install or start failure
-    fails the test with the end of the log; it never skips.
+    and ``stop()``, like :class:`tests.fhir_server.FhirServer`; ``reset()`` empties its store
+    (searches scan every stored resource: keep the store small, see ``server.mjs``). An install
+    or start failure fails the test with the end of the log; it never skips.
 
 Needs ``node`` (20 or later; on 20 the script runs with ``--experimental-websocket``) and ``npm``
 on the PATH, and the npm registry (or a cache) for the first install.
@@ -88,6 +89,12 @@ class MedplumServer:
             self.process.kill()
             self.process.wait(timeout=STOP_TIMEOUT_S)
 
+    def reset(self) -> None:
+        """Empty the store (``POST /admin/reset``, not FHIR: the script's own route)."""
+        response = requests.post(self.base_url.removesuffix("/fhir") + "/admin/reset", timeout=30,
+                                 headers={"Authorization": f"Bearer {self.token}"})
+        response.raise_for_status()
+
     def url(self, path: str) -> str:
         """An absolute URL on the server (``Patient/x`` or an absolute URL as it is)."""
         return path if "://" in path else f"{self.base_url}/{path.lstrip('/')}"
@@ -119,6 +126,12 @@ def _tool(name: str) -> str:
     return path
 
 
+def _log_excerpt(log: Path) -> str:
+    """The start and the end of an install log (npm puts the error first, then its usage)."""
+    text = log.read_text(errors="replace") if log.is_file() else f"<no log at {log}>"
+    return text if len(text) <= 4000 else f"{text[:1500]}\n[...]\n{text[-2500:]}"
+
+
 def _run_logged(cmd: Sequence[str], cwd: Path, log: Path, timeout: float) -> None:
     with log.open("ab") as out:
         out.write(f"\n$ {' '.join(cmd)}\n".encode())
@@ -128,10 +141,11 @@ def _run_logged(cmd: Sequence[str], cwd: Path, log: Path, timeout: float) -> Non
                                     stdin=subprocess.DEVNULL, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             raise MedplumSetupError(
-                f"`{' '.join(cmd)}` took more than {timeout:.0f} s\n{log_tail(log)}") from None
+                f"`{' '.join(cmd)}` took more than {timeout:.0f} s\n{_log_excerpt(log)}"
+            ) from None
     if result.returncode != 0:
         raise MedplumSetupError(
-            f"`{' '.join(cmd)}` exited with {result.returncode}\n{log_tail(log)}")
+            f"`{' '.join(cmd)}` exited with {result.returncode}\n{_log_excerpt(log)}")
 
 
 def _record_timing(**values: Any) -> None:
@@ -177,9 +191,10 @@ def ensure_installed(cache: Path = CACHE_DIR, source: Path = SOURCE_DIR) -> floa
         log = cache / INSTALL_LOG.name
         log.write_text(f"npm ci of {source} into {cache}\n")
         _run_logged([npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund",
-                     "--loglevel=warn"], cache, log, INSTALL_TIMEOUT_S)
+                     "--loglevel=error"], cache, log, INSTALL_TIMEOUT_S)
         if not (cache / "node_modules" / "@medplum" / "fhir-router").is_dir():
-            raise MedplumSetupError(f"npm ci installed no @medplum/fhir-router\n{log_tail(log)}")
+            raise MedplumSetupError(
+                f"npm ci installed no @medplum/fhir-router\n{_log_excerpt(log)}")
         marker.write_text(wanted + "\n")
         seconds = time.perf_counter() - started
         _record_timing(npm_ci_seconds=round(seconds, 2), npm_ci_at=time.time())

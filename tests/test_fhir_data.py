@@ -269,3 +269,49 @@ def test_the_token_never_reaches_the_logs(service, fhir, caplog):
     caplog.set_level("DEBUG")
     load(service, fhir, {"patient": patient()}, token="TOPSECRET-abc123")
     assert "TOPSECRET" not in caplog.text
+
+
+def _cut_short(fhir: FakeFhir, n: int, total: int, honour_count: bool) -> None:
+    """A server that answers searches with at most n entries, total = the real count, no link."""
+    all_obs = [observation("8310-5", 37.0 + i / 100, rid=f"o{i}") for i in range(total)]
+
+    def handler(h: BaseHTTPRequestHandler) -> tuple[int, bytes]:
+        from urllib.parse import parse_qs, urlsplit
+
+        count = int(parse_qs(urlsplit(h.path).query).get("_count", [n])[0])
+        shown = all_obs[:count] if honour_count else all_obs[:n]
+        doc = bundle(*shown) | {"total": total}
+        return 200, json.dumps(doc).encode()
+
+    fhir.routes["/fhir/Observation"] = handler
+
+
+def test_a_search_cut_short_without_a_link_is_asked_for_in_full(service, fhir):
+    serve_patient(fhir)
+    _cut_short(fhir, n=3, total=12, honour_count=True)
+    from dataclasses import replace
+
+    record = load(service, fhir, {"patient": patient()}, policy=replace(POLICY, page_size=5))
+    assert record.available("Observation") and record.count("Observation") == 12
+    assert any("_count=12" in path for path, _auth in fhir.seen)
+
+
+def test_a_search_that_stays_short_is_partial_evidence_and_unknown_absence(service, fhir):
+    serve_patient(fhir)
+    _cut_short(fhir, n=3, total=12, honour_count=False)
+    record = load(service, fhir, {"patient": patient()})
+    assert record.count("Observation") == 3  # what came is kept as evidence of presence
+    assert "returned 3 of 12" in record.missing_reason("Observation")
+
+
+def test_a_prefetch_cut_short_is_fetched_again_or_marked_incomplete(service, fhir):
+    short = bundle(observation("8310-5", 37.0)) | {"total": 5}
+    prefetch = {"patient": patient(), "conditions": bundle(condition("M54.41")),
+                "observations": short, "medications": None, "questionnaireResponses": None}
+    offline = load(service, None, prefetch)
+    assert offline.count("Observation") == 1
+    assert "held 1 of 5" in offline.missing_reason("Observation")
+    serve_patient(fhir)
+    online = load(service, fhir, prefetch)
+    assert online.available("Observation") and online.count("Observation") == 1
+    assert any(path.startswith("/fhir/Observation?") for path, _auth in fhir.seen)

@@ -22,7 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import orjson
 import requests
@@ -398,6 +398,10 @@ class FhirFetcher:
                     results[key] = (resources, KeyStatus(
                         key, rtype, "fetched", count=len(resources), pages=pages,
                         seconds=time.monotonic() - started))
+                except Incomplete as exc:
+                    results[key] = (exc.resources, KeyStatus(
+                        key, rtype, "unavailable", reason=str(exc), count=len(exc.resources),
+                        seconds=time.monotonic() - started))
                 except FetchError as exc:
                     results[key] = (None, KeyStatus(key, rtype, "unavailable", reason=str(exc),
                                                     seconds=time.monotonic() - started))
@@ -414,24 +418,30 @@ class FhirFetcher:
         target = urljoin(base.rstrip("/") + "/", url)
         resources: list[dict[str, Any]] = []
         pages = 0
+        retried = False
         while target:
             if pages >= self.policy.max_pages:
-                raise FetchError(f"more than {self.policy.max_pages} pages")
+                raise Incomplete(resources, f"more than {self.policy.max_pages} pages")
             doc = self._get(target, token, deadline)
             pages += 1
             rt = doc.get("resourceType")
             if rt == "OperationOutcome":
                 raise FetchError("the FHIR server answered with an OperationOutcome")
             if rt == "Bundle":
-                for entry in as_list(doc.get("entry")):
-                    res = entry.get("resource") if isinstance(entry, dict) else None
-                    mode = _search_mode(entry)
-                    if isinstance(res, dict) and res.get("resourceType") == rtype and mode != (
-                            "outcome"):
-                        resources.append(res)
+                resources.extend(_matches(doc, rtype))
                 if len(resources) > self.policy.max_resources:
                     raise FetchError(f"more than {self.policy.max_resources} resources")
                 target = _next_link(doc, base)
+                total = doc.get("total")
+                if not target and type(total) is int and total > len(resources):
+                    # A server that cuts a search short without a `next` link (some ignore
+                    # paging): ask once for everything, else the rest is unknown, not absent.
+                    if pages == 1 and not retried and total <= self.policy.max_resources:
+                        retried, pages, resources = True, 0, []
+                        target = _with_count(urljoin(base.rstrip("/") + "/", url), total)
+                        continue
+                    raise Incomplete(resources, f"the FHIR server returned {len(resources)} of "
+                                     f"{total} resources and no link to the rest")
             elif rt == rtype:
                 resources.append(doc)
                 target = ""
@@ -476,6 +486,29 @@ class FetchError(Exception):
     """A prefetch key could not be fetched; the message says why (never with the token)."""
 
 
+class Incomplete(FetchError):
+    """Only part of a search came back: what came is evidence of presence, not of absence."""
+
+    def __init__(self, resources: list[dict[str, Any]], message: str) -> None:
+        super().__init__(message)
+        self.resources = resources
+
+
+def _matches(bundle: dict[str, Any], rtype: str) -> list[dict[str, Any]]:
+    """The searched-for resources of a Bundle (not included ones, not outcome entries)."""
+    return [e["resource"] for e in as_list(bundle.get("entry"))
+            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+            and e["resource"].get("resourceType") == rtype and _search_mode(e) != "outcome"]
+
+
+def _with_count(url: str, count: int) -> str:
+    """The URL with its `_count` parameter set to ``count``."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "_count"]
+    query.append(("_count", str(count)))
+    return urlunsplit(parts._replace(query=urlencode(query, safe="|:,/")))
+
+
 def as_list(value: Any) -> list[Any]:
     """``value`` if it is a JSON array, else ``[]`` (a malformed Bundle must not raise)."""
     return value if isinstance(value, list) else []
@@ -518,6 +551,7 @@ def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | N
     statuses: list[KeyStatus] = []
     to_fetch: dict[str, tuple[str, str]] = {}
     patient_id = request.patient_id or ""
+    can_fetch = not _cannot_fetch(request, fetcher, policy)
     for key, template in service.prefetch.items():
         rtype = template_type(template)
         value = request.prefetch.get(key, _MISSING)
@@ -525,7 +559,16 @@ def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | N
             statuses.append(KeyStatus(key, rtype, "null"))
             resources.setdefault(rtype, [])
             continue
-        usable, next_url = _from_prefetch(value, rtype)
+        usable, next_url, short = _from_prefetch(value, rtype)
+        if usable is not None and short:
+            if can_fetch:
+                usable = None  # fetch the whole key ourselves rather than trust a cut-off list
+            else:
+                kept = _same_patient(usable, patient_id)
+                resources.setdefault(rtype, []).extend(kept)
+                statuses.append(KeyStatus(key, rtype, "unavailable", reason=short,
+                                          count=len(kept)))
+                continue
         if usable is not None and not next_url:
             kept = _same_patient(usable, patient_id)
             resources.setdefault(rtype, []).extend(kept)
@@ -585,28 +628,31 @@ def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | N
 _MISSING = object()
 
 
-def _from_prefetch(value: Any, rtype: str) -> tuple[list[dict[str, Any]] | None, str]:
-    """Read one prefetch value: (resources, next link) or (None, '') when it must be fetched."""
+def _from_prefetch(value: Any, rtype: str) -> tuple[list[dict[str, Any]] | None, str, str]:
+    """Read one prefetch value: (resources, next link, why it is incomplete).
+
+    Resources are None when the key must be fetched (an OperationOutcome, or not a resource).
+    A Bundle whose ``total`` exceeds its entries and that has no ``next`` link is incomplete.
+    """
     if not isinstance(value, dict):
-        return None, ""
+        return None, "", ""
     kind = value.get("resourceType")
     if kind == "OperationOutcome":
-        return None, ""
+        return None, "", ""
     if kind == "Bundle":
-        items = [
-            e["resource"] for e in as_list(value.get("entry"))
-            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
-            and e["resource"].get("resourceType") == rtype
-            and _search_mode(e) != "outcome"
-        ]
+        items = _matches(value, rtype)
         next_url = ""
         for link in as_list(value.get("link")):
             if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
                 next_url = str(link["url"])
-        return items, next_url
+        total = value.get("total")
+        short = ""
+        if not next_url and type(total) is int and total > len(items):
+            short = f"the prefetch held {len(items)} of {total} resources and no link to the rest"
+        return items, next_url, short
     if kind == rtype:
-        return [value], ""
-    return None, ""
+        return [value], "", ""
+    return None, "", ""
 
 
 def _same_patient(items: list[dict[str, Any]], patient_id: str) -> list[dict[str, Any]]:

@@ -6,7 +6,8 @@
 //   MEDPLUM_TEST_TOKEN=secret node --experimental-websocket server.mjs --port 8123
 //
 // Node 20 needs --experimental-websocket: @medplum/core reads the global WebSocket when it is
-// imported (Node 22 has it by default; the packages declare node ^22.18 || >=24.2 but run on 20).
+// imported (Node 22 has it by default). The packages declare node ^22.18 || >=24.2 (npm warns
+// EBADENGINE) but run on 20 with the flag.
 //
 // Serves http://127.0.0.1:<port>/fhir (port from --port or MEDPLUM_TEST_PORT):
 //   GET  /fhir/metadata        CapabilityStatement, no credentials (the readiness probe)
@@ -14,16 +15,23 @@
 //   GET  /fhir/<Type>?...      search (whatever Medplum's parseSearchRequest understands)
 //   POST /fhir                 batch / transaction Bundle
 //   and every other route FhirRouter has (PUT, DELETE, history ...).
+//   POST /admin/reset          (not FHIR) empties the store.
 // Every request but /metadata needs `Authorization: Bearer <MEDPLUM_TEST_TOKEN>`, else 401 with
 // an OperationOutcome (code `login`) and WWW-Authenticate.
 //
-// Medplum's own HTTP layer (the server package, PostgreSQL-backed) is not used, so what this
-// server shows is the router's and MemoryRepository's behaviour; see tests/medplum_server.py for
-// the differences from sekmet that the tests rely on.
+// The in-memory repository scans every resource of the type for each search and evaluates the
+// search parameter's FHIRPath on each; `patient` is a union over ~50 resource types, about 1 ms
+// per stored resource. Past a few hundred resources of a type, searches take seconds (longer
+// than the service's FHIR deadline), hence /admin/reset for tests that load many records.
+//
+// Medplum's own HTTP server (the `@medplum/server` package, PostgreSQL-backed) is
+// not used: what this server shows is the router's and MemoryRepository's behaviour. The
+// differences from sekmet are listed in tests/test_integration_medplum.py.
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import { parseArgs } from 'node:util';
 import {
+  allOk,
   getStatus,
   indexSearchParameterBundle,
   indexStructureDefinitionBundle,
@@ -111,6 +119,16 @@ function readBody(req) {
 
 async function handle(req, res) {
   const url = new URL(req.url, BASE_URL);
+  if (url.pathname === '/admin/reset' && req.method === 'POST') {
+    // Not FHIR: empties the store, so that a test works on a small one (see the header).
+    if (req.headers.authorization !== `Bearer ${TOKEN}`) {
+      send(res, 401, unauthorized, { 'WWW-Authenticate': 'Bearer realm="medplum-test"' });
+      return;
+    }
+    repo.clear();
+    send(res, 200, allOk);
+    return;
+  }
   if (url.pathname !== PREFIX && !url.pathname.startsWith(PREFIX + '/')) {
     send(res, 404, normalizeOperationOutcome(new Error(`not under ${PREFIX}: ${url.pathname}`)));
     return;
