@@ -345,6 +345,21 @@ def _raw_observations(ctx: Context, vs: ValueSet, days: float | None
     return out
 
 
+def _screened(ctx: Context, a: dict[str, Any], found: list[Evidence], unreadable: int,
+              seen: int, nothing: str) -> Result:
+    """The verdict of a raw-screened fact: present with evidence; unknown when evidence did not
+    parse or nothing was measured; absent when results were there and none qualified."""
+    if found:
+        return Result.present(found)
+    if unreadable:
+        return _unreadable(a, unreadable)
+    if seen:
+        return Result.absent()
+    if not ctx.record.available("Observation"):
+        return unavailable(ctx, "Observation", a["label"])
+    return Result.not_known(f"{a['label']}: {nothing}{window_words(a.get('within_days'))}")
+
+
 def _unreadable(a: dict[str, Any], count: int) -> Result:
     return Result.not_known(f"{a['label']}: {count} result(s) could not be read (not valid "
                             "FHIR R4)")
@@ -375,16 +390,7 @@ def observation_value(ctx: Context, a: dict[str, Any]) -> Result:
                 met.append(Evidence(f"Observation: {describe(coding)}",
                                     f"{qty.value} {qty.unit or qty.code or ''}".strip(),
                                     day(observation_time(ob)), ref(ob)))
-    if met:
-        return Result.present(met)
-    if unreadable:
-        return _unreadable(a, unreadable)
-    if seen:
-        return Result.absent()
-    if not ctx.record.available("Observation"):
-        return unavailable(ctx, "Observation", a["label"])
-    return Result.not_known(
-        f"{a['label']}: no measurement{window_words(a.get('within_days'))}")
+    return _screened(ctx, a, met, unreadable, seen, "no measurement")
 
 
 def _raw_flags(raw: dict[str, Any]) -> set[str]:
@@ -431,15 +437,7 @@ def _lab(ctx: Context, a: dict[str, Any], flags: set[str], side: str) -> Result:
                 sorted(_flags(ob))) or "abnormal"
             out.append(Evidence(f"Observation: {describe(coding)}", shown,
                                 day(observation_time(ob)), ref(ob)))
-    if out:
-        return Result.present(out)
-    if unreadable:
-        return _unreadable(a, unreadable)
-    if seen:
-        return Result.absent()
-    if not ctx.record.available("Observation"):
-        return unavailable(ctx, "Observation", a["label"])
-    return Result.not_known(f"{a['label']}: no result{window_words(a.get('within_days'))}")
+    return _screened(ctx, a, out, unreadable, seen, "no result")
 
 
 def lab_high(ctx: Context, a: dict[str, Any]) -> Result:
