@@ -261,13 +261,7 @@ def finding(ctx: Context, a: dict[str, Any]) -> Result:
         (denied if negated else found).append(
             Evidence(f"Observation: {describe(coding)}", "recorded absent" if negated
                      else "recorded present", when, ref(ob)))
-    if found:
-        return Result.present(found)
-    if denied:
-        return Result.absent(denied)
-    if not ctx.record.available("Observation"):
-        return unavailable(ctx, "Observation", a["label"])
-    return Result.not_known(f"{a['label']}: not recorded{window_words(a.get('within_days'))}")
+    return _screened(ctx, a, found, 0, denied, "not recorded")
 
 
 def _quantities(ob: Any, vs: ValueSet) -> list[tuple[Any, Any]]:
@@ -346,15 +340,16 @@ def _raw_observations(ctx: Context, vs: ValueSet, days: float | None
 
 
 def _screened(ctx: Context, a: dict[str, Any], found: list[Evidence], unreadable: int,
-              seen: int, nothing: str) -> Result:
-    """The verdict of a raw-screened fact: present with evidence; unknown when evidence did not
-    parse or nothing was measured; absent when results were there and none qualified."""
+              seen: int | list[Evidence], nothing: str) -> Result:
+    """The verdict of a fact over Observations: present with evidence; unknown when evidence did
+    not parse, or nothing was recorded; absent when results were there and none qualified
+    (``seen``: how many, or the evidence that they say no)."""
     if found:
         return Result.present(found)
     if unreadable:
         return _unreadable(a, unreadable)
     if seen:
-        return Result.absent()
+        return Result.absent(seen if isinstance(seen, list) else ())
     if not ctx.record.available("Observation"):
         return unavailable(ctx, "Observation", a["label"])
     return Result.not_known(f"{a['label']}: {nothing}{window_words(a.get('within_days'))}")
@@ -481,13 +476,7 @@ def lab_positive(ctx: Context, a: dict[str, Any]) -> Result:
         ev = Evidence(f"Observation: {describe(coding)}", shown, day(observation_time(ob)),
                       ref(ob))
         (pos if verdict else neg).append(ev)
-    if pos:
-        return Result.present(pos)
-    if neg:
-        return Result.absent(neg)
-    if not ctx.record.available("Observation"):
-        return unavailable(ctx, "Observation", a["label"])
-    return Result.not_known(f"{a['label']}: no result{window_words(a.get('within_days'))}")
+    return _screened(ctx, a, pos, 0, neg, "no result")
 
 
 def observation_recorded(ctx: Context, a: dict[str, Any]) -> Result:
