@@ -355,6 +355,32 @@ def _screened(ctx: Context, a: dict[str, Any], found: list[Evidence], unreadable
     return Result.not_known(f"{a['label']}: {nothing}{window_words(a.get('within_days'))}")
 
 
+def _screen(ctx: Context, a: dict[str, Any], keep: Callable[[dict[str, Any]], bool | None]
+            ) -> tuple[list[Any], int, int]:
+    """Screen the window's raw Observations with ``keep`` and parse only those it keeps.
+
+    ``keep`` answers True (evidence), False (a result that says no) or None (nothing usable).
+
+    Returns:
+        (the kept Observations, parsed; how many said no; how many kept did not parse).
+    """
+    kept: list[Any] = []
+    seen = unreadable = 0
+    for pos, raw, _when in _raw_observations(ctx, a["valueset"], a.get("within_days")):
+        verdict = keep(raw)
+        if verdict is None:
+            continue
+        if not verdict:
+            seen += 1
+            continue
+        ob = ctx.record.parse("Observation", pos)
+        if ob is None:
+            unreadable += 1
+        else:
+            kept.append(ob)
+    return kept, seen, unreadable
+
+
 def _unreadable(a: dict[str, Any], count: int) -> Result:
     return Result.not_known(f"{a['label']}: {count} result(s) could not be read (not valid "
                             "FHIR R4)")
@@ -365,20 +391,15 @@ def observation_value(ctx: Context, a: dict[str, Any]) -> Result:
     vs: ValueSet = a["valueset"]
     op, limit, unit = a["op"], float(a["value"]), a.get("unit")
     met: list[Evidence] = []
-    seen = unreadable = 0
-    for pos, raw, _when in _raw_observations(ctx, vs, a.get("within_days")):
+
+    def meets(raw: dict[str, Any]) -> bool | None:
         values = [convert_value(q.get("value"), q.get("code") or q.get("unit"), unit)
                   for q in _raw_quantities(raw, vs)]
         values = [v for v in values if v is not None]
-        if not values:
-            continue
-        if not any(OPS[op](v, limit) for v in values):
-            seen += 1
-            continue
-        ob = ctx.record.parse("Observation", pos)
-        if ob is None:
-            unreadable += 1
-            continue
+        return any(OPS[op](v, limit) for v in values) if values else None
+
+    kept, seen, unreadable = _screen(ctx, a, meets)
+    for ob in kept:
         for coding, qty in _quantities(ob, vs):
             value = convert(qty, unit)
             if value is not None and OPS[op](value, limit):
@@ -414,18 +435,13 @@ def _raw_outside_range(raw: dict[str, Any], qty: dict[str, Any], side: str) -> b
 def _lab(ctx: Context, a: dict[str, Any], flags: set[str], side: str) -> Result:
     vs: ValueSet = a["valueset"]
     out: list[Evidence] = []
-    seen = unreadable = 0
-    for pos, raw, _when in _raw_observations(ctx, vs, a.get("within_days")):
-        quantities = _raw_quantities(raw, vs)
-        abnormal = bool(_raw_flags(raw) & flags) or any(
-            _raw_outside_range(raw, q, side) for q in quantities)
-        if not abnormal:
-            seen += 1
-            continue
-        ob = ctx.record.parse("Observation", pos)
-        if ob is None:
-            unreadable += 1
-            continue
+
+    def abnormal(raw: dict[str, Any]) -> bool:
+        return bool(_raw_flags(raw) & flags) or any(
+            _raw_outside_range(raw, q, side) for q in _raw_quantities(raw, vs))
+
+    kept, seen, unreadable = _screen(ctx, a, abnormal)
+    for ob in kept:
         pairs = _quantities(ob, vs) or [(match(ob.code, vs) or codings(ob.code)[0], None)]
         for coding, qty in pairs[:1]:
             shown = f"{qty.value} {qty.unit or qty.code or ''}".strip() if qty else ", ".join(
