@@ -313,7 +313,7 @@ def test_cli_fixtures_load(fhir_server: FhirServer, capsys: pytest.CaptureFixtur
     """``lbp-cds fixtures load --fhir-server URL --token T --only ID`` loads and says so."""
     sc = _all_scenarios()[0]
     code = cli.main(["fixtures", "load", "--fhir-server", fhir_server.base_url,
-                     "--token", str(fhir_server.token), "--only", sc.id])
+                     f"--token={fhir_server.token}", "--only", sc.id])
     assert code == 0
     assert capsys.readouterr().out.strip() == f"loaded {sc.id}: {len(sc.record())} resources"
     assert fhir_server.read_json(f"Patient/{sc.patient_id}")["id"] == sc.patient_id

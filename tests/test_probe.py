@@ -82,7 +82,7 @@ def test_probe_prints_the_expected_cards(fhir_server: FhirServer, cds_service: S
                                          service_ids: dict[str, str]) -> None:
     """With prefetch and with the service fetching, the probe prints the scenario's cards."""
     sc = loaded["patient-view"]
-    base = ["--fhir-server", fhir_server.base_url, "--token", str(fhir_server.token),
+    base = ["--fhir-server", fhir_server.base_url, f"--token={fhir_server.token}",
             "--patient", sc.patient_id, "--hook", "patient-view", "--service",
             cds_service.base_url]
     code, text = run(base)
@@ -108,7 +108,7 @@ def test_probe_order_select_with_an_order_file(fhir_server: FhirServer,
                  if not sc.selections or f"{d['resourceType']}/{d['id']}" in sc.selections)
     path = tmp_path / "order.json"
     path.write_text(json.dumps(order))
-    code, text = run(["--fhir-server", fhir_server.base_url, "--token", str(fhir_server.token),
+    code, text = run(["--fhir-server", fhir_server.base_url, f"--token={fhir_server.token}",
                       "--patient", sc.patient_id, "--hook", "order-select", "--service",
                       cds_service.base_url, "--order", str(path), "--show-request"])
     assert code == 0, text
@@ -126,8 +126,8 @@ def test_show_request_never_prints_the_token(fhir_server: FhirServer,
     sc = loaded["patient-view"]
     script = Path(sys.executable).with_name("lbp-cds")
     result = subprocess.run(
-        [str(script), "probe", "--fhir-server", fhir_server.base_url, "--token",
-         str(fhir_server.token), "--patient", sc.patient_id, "--hook", "patient-view",
+        [str(script), "probe", "--fhir-server", fhir_server.base_url,
+         f"--token={fhir_server.token}", "--patient", sc.patient_id, "--hook", "patient-view",
          "--service", cds_service.base_url, "--no-prefetch", "--show-request",
          "--show-response"],
         capture_output=True, text=True, timeout=120, check=False)
@@ -148,7 +148,7 @@ def test_probe_in_process(fhir_server: FhirServer, loaded: dict[str, Scenario],
     else:
         monkeypatch.setenv("LBP_CDS_KNOWLEDGE_DIR", str(KNOWLEDGE_DIR))
     sc = loaded["patient-view"]
-    code, text = run(["--fhir-server", fhir_server.base_url, "--token", str(fhir_server.token),
+    code, text = run(["--fhir-server", fhir_server.base_url, f"--token={fhir_server.token}",
                       "--patient", sc.patient_id, "--hook", "patient-view"])
     assert code == 0, text
     assert "in-process (development mode)" in text
@@ -158,7 +158,7 @@ def test_probe_in_process(fhir_server: FhirServer, loaded: dict[str, Scenario],
 def test_probe_of_an_unknown_patient_prints_the_outcome(fhir_server: FhirServer,
                                                         cds_service: ServiceProcess) -> None:
     """The FHIR server has no such patient: the key is left out, the service answers 412, exit 1."""
-    code, text = run(["--fhir-server", fhir_server.base_url, "--token", str(fhir_server.token),
+    code, text = run(["--fhir-server", fhir_server.base_url, f"--token={fhir_server.token}",
                       "--patient", "nobody-here", "--hook", "patient-view", "--service",
                       cds_service.base_url])
     assert code == 1

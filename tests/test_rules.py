@@ -199,3 +199,59 @@ def test_text_is_the_last_resort_only_for_orders_without_known_codes(engine):
     loinc = imaging_order(code="24558-9")
     loinc["code"]["text"] = "MRI lumbar spine"
     assert fired(run(engine, [condition("M54.41")], hook="order-sign", orders=[loinc])) == []
+
+
+def test_equal_leaves_of_different_rules_are_evaluated_once_per_call(monkeypatch):
+    """A leaf shared by many rules (the episode's back-pain Condition, say) costs one evaluation
+    per call; leaves that differ in any argument (a label included) stay apart."""
+    import dataclasses
+    from collections import Counter
+
+    from lbp_cds import facts
+
+    calls: Counter[int] = Counter()
+    for name, fact in list(facts.FACTS.items()):
+        def counting(ctx: Any, args: dict[str, Any], _fn=fact.fn) -> Any:
+            calls[id(args)] += 1
+            return _fn(ctx, args)
+        monkeypatch.setitem(facts.FACTS, name, dataclasses.replace(fact, fn=counting))
+    real = RuleEngine(knowledge.load(Path(__file__).resolve().parents[1] / "cds_services"))
+    leaves = _leaves(real)
+    shared = Counter(leaf.key for leaf in leaves)
+    most_shared, copies = shared.most_common(1)[0]
+    assert copies > 5, "the real pack shares leaves between rules"
+    service = next(s for s in real.knowledge.services if s.hook == "patient-view")
+    real.evaluate(service, record_from_resources("p1", [patient(), condition("M54.41")]), NOW,
+                  [])
+    by_key: Counter[Any] = Counter()
+    key_of = {id(leaf.args): leaf.key for leaf in leaves}
+    for args_id, n in calls.items():
+        by_key[key_of[args_id]] += n
+    assert by_key[most_shared] == 1
+    assert max(by_key.values()) == 1
+    assert len({leaf.key for leaf in leaves if leaf.label != leaves[0].label}) > 1
+
+
+def _leaves(engine: RuleEngine) -> list[Any]:
+    from lbp_cds.rules import Leaf
+
+    out: list[Any] = []
+    seen: set[int] = set()
+
+    def walk(node: Any) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, Leaf):
+            out.append(node)
+        for name in ("children", "child", "when"):
+            sub = getattr(node, name, None)
+            for s in sub if isinstance(sub, list) else [sub] if sub is not None else []:
+                walk(s)
+
+    for rule in engine.rules.values():
+        for node in [rule.when, rule.order_filter, *(n for _i, n in rule.escalate),
+                     *(n for _n, n in rule.notes)]:
+            if node is not None:
+                walk(node)
+    return out

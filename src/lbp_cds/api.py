@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 bp = Blueprint("cds", __name__)
 JSON_TYPES = ("application/json", "application/fhir+json")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-OPAQUE = frozenset({"prefetch"})  # FHIR resources: validated per resource, never walked by us
 
 
 @dataclass
@@ -125,8 +124,12 @@ def authenticate() -> None:
         raise
 
 
-def read_json_body() -> Any:
+def read_json_body(hook_call: bool = False) -> Any:
     """The request body as JSON, within the size, type and depth limits.
+
+    Args:
+        hook_call: the body is a hook request: its prefetch is split, not parsed
+            (``hooks.parse_hook_body``).
 
     Raises:
         UnsupportedMediaType: not JSON.
@@ -142,15 +145,22 @@ def read_json_body() -> Any:
     length = request.content_length
     if length is not None and length > settings.max_body_bytes:
         raise PayloadTooLarge(f"body of {length} bytes exceeds {settings.max_body_bytes}")
-    stream = request.stream
-    if length is None and request.environ.get("wsgi.input_terminated"):
+    environ = request.environ
+    if length is not None:
+        # Exactly Content-Length bytes from the server's input, asked for at once: werkzeug's
+        # wrapper would add a copy of the body, and gunicorn's reader copies what it holds
+        # beyond each read (64 KB reads of a megabyte body cost quadratic copying).
+        stream, limit = environ["wsgi.input"], length
+    elif environ.get("wsgi.input_terminated"):
         # Chunked body: werkzeug's request.stream stops silently at the limit (an oversized
         # body would be parsed truncated), so read the server-terminated input ourselves.
-        stream = request.environ["wsgi.input"]
+        stream, limit = environ["wsgi.input"], settings.max_body_bytes + 1
+    else:
+        stream, limit = request.stream, settings.max_body_bytes + 1
     parts: list[bytes] = []
     size = 0
-    while size <= settings.max_body_bytes:  # loop: a read may return fewer bytes than asked
-        part = stream.read(min(65_536, settings.max_body_bytes + 1 - size))
+    while size < limit:  # loop: a read may return fewer bytes than asked
+        part = stream.read(min(limit - size, 1 << 20) if length is None else limit - size)
         if not part:
             break
         parts.append(part)
@@ -158,7 +168,9 @@ def read_json_body() -> Any:
     body = b"".join(parts)
     if len(body) > settings.max_body_bytes:
         raise PayloadTooLarge(f"body exceeds {settings.max_body_bytes} bytes")
-    return hooks.parse_json(body, settings.max_json_depth, opaque=OPAQUE)
+    if hook_call:
+        return hooks.parse_hook_body(body, settings.max_json_depth)
+    return hooks.parse_json(body, settings.max_json_depth)
 
 
 # -- endpoints ----------------------------------------------------------------------------------
@@ -179,7 +191,7 @@ def call_service(service_id: str) -> Response:
                               [Issue("id", f"no CDS service {service_id!r}", "not-found")])
     g.service_id = service_id
     authenticate()
-    req = hooks.parse_request(read_json_body())
+    req = hooks.parse_request(read_json_body(hook_call=True))
     observability.hook_instance_var.set(req.hook_instance)
     service = next((s for s in services if s.hook == req.hook), None)
     if service is not None:

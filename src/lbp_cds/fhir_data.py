@@ -32,30 +32,10 @@ from pydantic import ValidationError
 from lbp_cds.errors import Issue, PreconditionFailed
 from lbp_cds.hooks import HookRequest
 from lbp_cds.knowledge import ICD10CM, CodeUniverse, Service, ValueSet, normalize_code
+from lbp_cds.rawfhir import CODE_PATHS, DATE_PATHS, PATIENT_REFERENCE_FIELDS, LazyResource
 
 log = logging.getLogger(__name__)
 
-# Where each resource type carries the codes rules match on, and the date that places it in time.
-CODE_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "Condition": (("code",),),
-    "Observation": (("code",), ("valueCodeableConcept",), ("component", "code")),
-    "MedicationRequest": (("medicationCodeableConcept",),),
-    "Procedure": (("code",),),
-    "ServiceRequest": (("code",),),
-    "ImagingStudy": (("procedureCode",),),
-    "DiagnosticReport": (("code",),),
-}
-DATE_PATHS: dict[str, tuple[str, ...]] = {
-    "Observation": ("effectiveDateTime", "effectiveInstant", "effectivePeriod.start", "issued"),
-    "Condition": ("onsetDateTime", "onsetPeriod.start", "recordedDate"),
-    "Procedure": ("performedDateTime", "performedPeriod.start"),
-    "MedicationRequest": ("authoredOn",),
-    "ServiceRequest": ("authoredOn", "occurrenceDateTime"),
-    "ImagingStudy": ("started",),
-    "DiagnosticReport": ("effectiveDateTime", "effectivePeriod.start", "issued"),
-    "QuestionnaireResponse": ("authored",),
-}
-PATIENT_REFERENCE_FIELDS = ("subject", "patient")
 TEMPLATE_TYPE = re.compile(r"^([A-Z][A-Za-z]+)[/?]")
 
 
@@ -92,7 +72,8 @@ class PatientRecord:
 
     Args:
         patient_id: the patient in context.
-        resources: raw resources by type.
+        resources: raw resources by type: dicts, or prefetch resources still in JSON text
+            (``rawfhir.LazyResource``), decoded the first time a rule is handed them.
         unavailable: resource types that could not be obtained, with the reason.
         draft_orders: raw draft orders of the hook context (order-select / order-sign).
         statuses: what became of each prefetch key (for logs, metrics and tests).
@@ -102,7 +83,7 @@ class PatientRecord:
     def __init__(
         self,
         patient_id: str,
-        resources: dict[str, list[dict[str, Any]]],
+        resources: dict[str, list[Any]],
         unavailable: dict[str, str] | None = None,
         draft_orders: list[dict[str, Any]] | None = None,
         statuses: list[KeyStatus] | None = None,
@@ -115,13 +96,15 @@ class PatientRecord:
         self.parse_failures: Counter[str] = Counter()
         self._parsed: dict[int, Any] = {}
         self._code_index: dict[str, dict[tuple[str, str], list[int]]] = {}
-        self._vs_cache: dict[tuple[str, str], list[int]] = {}
+        self._vs_cache: dict[tuple[str, str], list[tuple[int, datetime | None]]] = {}
         self._draft_raw = list(draft_orders or [])
-        self._dates: dict[tuple[str, int], datetime | None] = {}
+        self._dates: dict[str, list[Any]] = {}  # by type, by position; _UNDATED until read
         for rtype, items in resources.items():
             index: dict[tuple[str, str], list[int]] = {}
-            for pos, raw in enumerate(items):
-                for system, code in _raw_codings(rtype, raw):
+            for pos, item in enumerate(items):
+                found = item.codings(rtype) if type(item) is LazyResource \
+                    else _raw_codings(rtype, item)
+                for system, code in found:
                     if system == ICD10CM:
                         code = normalize_code(system, code)
                     if universe is not None and not universe.wants(system, code):
@@ -186,38 +169,46 @@ class PatientRecord:
         with ``parse``, every resource it uses as evidence.
         """
         key = (resource_type, valueset.id)
-        positions = self._vs_cache.get(key)
-        if positions is None:
-            found: set[int] = set()
+        found = self._vs_cache.get(key)
+        if found is None:
+            hits: set[int] = set()
             for (system, code), where in self._code_index.get(resource_type, {}).items():
                 if valueset.contains(system, code):
-                    found.update(where)
-            positions = sorted(found)
-            self._vs_cache[key] = positions
-        raws = self._raw.get(resource_type, [])
+                    hits.update(where)
+            found = [(p, self.raw_date(resource_type, p)) for p in sorted(hits)]
+            self._vs_cache[key] = found
+        item = self._item
         if since is None:
-            return [(p, raws[p]) for p in positions]
-        out = []
-        for p in positions:
-            when = self.raw_date(resource_type, p)
-            if when is None or when >= since:
-                out.append((p, raws[p]))
-        return out
+            return [(p, item(resource_type, p)) for p, _when in found]
+        return [(p, item(resource_type, p)) for p, when in found if when is None or when >= since]
 
     def raw_all(self, resource_type: str) -> list[tuple[int, dict[str, Any]]]:
         """Every raw resource of a type with its position (for screening before parsing)."""
-        return list(enumerate(self._raw.get(resource_type, [])))
+        return [(p, self._item(resource_type, p)) for p in range(self.count(resource_type))]
 
     def raw_date(self, resource_type: str, pos: int) -> datetime | None:
         """The date of a raw resource (cached)."""
-        key = (resource_type, pos)
-        if key not in self._dates:
-            self._dates[key] = raw_date(resource_type, self._raw[resource_type][pos])
-        return self._dates[key]
+        dates = self._dates.get(resource_type)
+        if dates is None:
+            dates = self._dates[resource_type] = [_UNDATED] * self.count(resource_type)
+        when = dates[pos]
+        if when is _UNDATED:
+            item = self._raw[resource_type][pos]
+            when = dates[pos] = _first_date(item.date_text(resource_type)) \
+                if type(item) is LazyResource else raw_date(resource_type, item)
+        return when  # type: ignore[no-any-return]
+
+    def _item(self, resource_type: str, pos: int) -> dict[str, Any]:
+        """The raw resource at a position, decoded (once) if it is still JSON text."""
+        items = self._raw[resource_type]
+        item = items[pos]
+        if type(item) is LazyResource:
+            item = items[pos] = item.decode()
+        return item  # type: ignore[no-any-return]
 
     def parse(self, resource_type: str, pos: int) -> Any | None:
         """The parsed resource at a position (None, counted, when it is not valid FHIR R4)."""
-        return self._parse_one(resource_type, pos, self._raw[resource_type][pos])
+        return self._parse_one(resource_type, pos, self._item(resource_type, pos))
 
     def draft_orders(self) -> list[Any]:
         """The draft orders of the hook context, parsed (unparsable ones counted and skipped)."""
@@ -234,16 +225,15 @@ class PatientRecord:
         if len(parts) < 2:
             return None
         rtype, rid = parts[-2], parts[-1]
-        for pos, raw in enumerate(self._raw.get(rtype, [])):
-            if raw.get("id") == rid:
-                return self._parse_one(rtype, pos, raw)
+        for pos, item in enumerate(self._raw.get(rtype, [])):
+            if (item.id if type(item) is LazyResource else item.get("id")) == rid:
+                return self._parse_one(rtype, pos, self._item(rtype, pos))
         return None
 
     def _parse_many(self, resource_type: str, positions: Iterable[int]) -> list[Any]:
-        raws = self._raw.get(resource_type, [])
         out = []
         for pos in positions:
-            model = self._parse_one(resource_type, pos, raws[pos])
+            model = self._parse_one(resource_type, pos, self._item(resource_type, pos))
             if model is not None:
                 out.append(model)
         return out
@@ -261,6 +251,9 @@ class PatientRecord:
             model = None
         self._parsed[key] = model
         return model
+
+
+_UNDATED = object()
 
 
 def _raw_codings(resource_type: str, raw: dict[str, Any]) -> list[tuple[str, str]]:
@@ -294,14 +287,21 @@ def _raw_codings(resource_type: str, raw: dict[str, Any]) -> list[tuple[str, str
 
 def raw_date(resource_type: str, raw: dict[str, Any]) -> datetime | None:
     """The first date of the resource's date paths, as an aware datetime (None if absent/bad)."""
+    texts = []
     for path in DATE_PATHS.get(resource_type, ()):
         node: Any = raw
         for part in path.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, str):
-            parsed = parse_datetime(node)
-            if parsed is not None:
-                return parsed
+            texts.append(node)
+    return _first_date(texts)
+
+
+def _first_date(texts: list[str]) -> datetime | None:
+    for text in texts:
+        parsed = parse_datetime(text)
+        if parsed is not None:
+            return parsed
     return None
 
 
@@ -494,11 +494,20 @@ class Incomplete(FetchError):
         self.resources = resources
 
 
-def _matches(bundle: dict[str, Any], rtype: str) -> list[dict[str, Any]]:
-    """The searched-for resources of a Bundle (not included ones, not outcome entries)."""
-    return [e["resource"] for e in as_list(bundle.get("entry"))
-            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
-            and e["resource"].get("resourceType") == rtype and _search_mode(e) != "outcome"]
+def _matches(bundle: dict[str, Any], rtype: str) -> list[Any]:
+    """The searched-for resources of a Bundle (not included ones, not outcome entries).
+
+    Entries are dicts, or ``LazyResource`` when the Bundle came split from a hook request.
+    """
+    out: list[Any] = []
+    for e in as_list(bundle.get("entry")):
+        if type(e) is LazyResource:
+            if e.resourceType == rtype and e.search_mode != "outcome":
+                out.append(e)
+        elif (isinstance(e, dict) and isinstance(e.get("resource"), dict)
+              and e["resource"].get("resourceType") == rtype and _search_mode(e) != "outcome"):
+            out.append(e["resource"])
+    return out
 
 
 def _with_count(url: str, count: int) -> str:
@@ -655,7 +664,7 @@ def _from_prefetch(value: Any, rtype: str) -> tuple[list[dict[str, Any]] | None,
     return None, "", ""
 
 
-def _same_patient(items: list[dict[str, Any]], patient_id: str) -> list[dict[str, Any]]:
+def _same_patient(items: list[Any], patient_id: str) -> list[Any]:
     """Drop resources that name another patient (a mixed-up prefetch must not leak into cards).
 
     Some servers ignore a search parameter they do not support and answer with every patient's
@@ -664,32 +673,38 @@ def _same_patient(items: list[dict[str, Any]], patient_id: str) -> list[dict[str
     kept = []
     dropped: Counter[str] = Counter()
     suffix = f"Patient/{patient_id}"
-    for raw in items:
-        if raw.get("resourceType") == "Patient":
-            if raw.get("id") in (patient_id, None):
-                kept.append(raw)
+    for item in items:
+        if type(item) is LazyResource:
+            rtype, rid, ref = item.resourceType, item.id, item.patient_reference()
+        else:
+            rtype, rid, ref = item.get("resourceType"), item.get("id"), _patient_reference(item)
+        if rtype == "Patient":
+            if rid in (patient_id, None):
+                kept.append(item)
             continue
-        ref = None
-        for fld in PATIENT_REFERENCE_FIELDS:
-            node = raw.get(fld)
-            if type(node) is dict:
-                ref = node.get("reference")
-                if type(ref) is str:
-                    break
-                ref = None
         if ref is None:
-            kept.append(raw)
+            kept.append(item)
             continue
         ref = ref.rstrip("/")
         # Relative (Patient/1) or absolute (https://ehr/fhir/Patient/1): same patient.
         if ref == suffix or (ref.endswith(suffix) and ref[-len(suffix) - 1] == "/"):
-            kept.append(raw)
+            kept.append(item)
         else:
-            dropped[str(raw.get("resourceType"))] += 1
+            dropped[str(rtype)] += 1
     if dropped:
         log.warning("dropped resources that name another patient",
                     extra={"dropped": dict(dropped)})
     return kept
+
+
+def _patient_reference(raw: dict[str, Any]) -> str | None:
+    for fld in PATIENT_REFERENCE_FIELDS:
+        node = raw.get(fld)
+        if type(node) is dict:
+            ref = node.get("reference")
+            if type(ref) is str:
+                return ref
+    return None
 
 
 def _cannot_fetch(request: HookRequest, fetcher: FhirFetcher | None, policy: FetchPolicy) -> str:

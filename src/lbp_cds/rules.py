@@ -64,9 +64,30 @@ class Leaf(Node):
     args: dict[str, Any]
     label: str = ""
     if_unknown: str | None = None
+    key: tuple[Any, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Equal leaves of different rules (the episode's back-pain Condition, say) share one
+        # evaluation per call: facts are pure functions of the context and their arguments.
+        self.key = ("leaf", self.fact, _frozen(self.args))
 
     def _evaluate(self, ctx: Context, engine: RuleEngine) -> Result:
-        return FACTS[self.fact].fn(ctx, self.args)
+        key = (self.key, id(ctx.order))
+        result: Result | None = ctx.cache.get(key)
+        if result is None:
+            result = ctx.cache[key] = FACTS[self.fact].fn(ctx, self.args)
+        return result
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for a leaf's arguments; compiled objects (value sets) by identity."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return ("object", id(value))  # lives as long as the engine that compiled it
 
 
 @dataclass
