@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     fxs = fx.add_subparsers(metavar="ACTION")
     fl = fxs.add_parser("load", help="load the fixture patients into a FHIR server")
     fl.add_argument("--fhir-server", required=True, help="FHIR R4 base URL")
-    fl.add_argument("--token", help="bearer token for the FHIR server (--token=VALUE if it starts with -)")
+    fl.add_argument("--token",
+                    help="bearer token for the FHIR server (--token=VALUE if it starts with -)")
     fl.add_argument("--only", action="append", help="scenario id (repeatable; default all)")
     fl.set_defaults(func=cmd_fixtures_load)
 
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", help="act as an EHR: call the service for a patient")
     pr.add_argument("--fhir-server", required=True, help="FHIR R4 base URL")
-    pr.add_argument("--token", help="bearer token for the FHIR server (--token=VALUE if it starts with -)")
+    pr.add_argument("--token",
+                    help="bearer token for the FHIR server (--token=VALUE if it starts with -)")
     pr.add_argument("--patient", required=True, help="Patient id on the FHIR server")
     pr.add_argument("--hook", required=True,
                     choices=["patient-view", "order-select", "order-sign"])

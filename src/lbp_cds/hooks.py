@@ -482,7 +482,7 @@ def parse_hook_body(body: bytes, max_depth: int = 64) -> Any:
     """
     if max_depth < 1:
         raise ValueError("max_depth must be at least 1")
-    doc = rawfhir.split_hook_body(body, "prefetch")
+    doc = rawfhir.split_hook_body(body)
     if doc is None:
         return parse_json(body, max_depth, opaque=_PREFETCH)
     _check_depth(doc, min(max_depth, _ORJSON_MAX_DEPTH), _PREFETCH)

@@ -209,7 +209,6 @@ class _HeadBundle(msgspec.Struct):
     entry: list[_HeadEntry] | None = None
 
 
-_OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _RAWS = msgspec.json.Decoder(_RawBundle)
 _HEADS = msgspec.json.Decoder(_HeadBundle)
 _ANY = msgspec.json.Decoder()
@@ -217,41 +216,53 @@ _SPLIT_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError,
                  orjson.JSONDecodeError, UnicodeDecodeError)
 
 
-def split_hook_body(body: bytes, opaque: str = "prefetch") -> dict[str, Any] | None:
+_NONE = msgspec.Raw(b"")
+
+
+class _Envelope(msgspec.Struct):
+    """The members of a CDS Hooks 2.0 request; others are skipped (the service reads none)."""
+
+    hook: msgspec.Raw = _NONE
+    hookInstance: msgspec.Raw = _NONE  # noqa: N815 (the member names of the specification)
+    fhirServer: msgspec.Raw = _NONE  # noqa: N815
+    fhirAuthorization: msgspec.Raw = _NONE  # noqa: N815
+    context: msgspec.Raw = _NONE
+    extension: msgspec.Raw = _NONE
+    prefetch: dict[str, msgspec.Raw] | None | msgspec.UnsetType = msgspec.UNSET
+
+
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
+_ENVELOPE_FIELDS = tuple(f for f in _Envelope.__struct_fields__ if f != "prefetch")
+
+
+def split_hook_body(body: bytes) -> dict[str, Any] | None:
     """Parse a hook request body, keeping the resources of prefetch Bundles as JSON text.
 
     Args:
         body: the raw request body.
-        opaque: the top-level key holding the prefetch.
 
     Returns:
         The body as ``orjson.loads`` would give it, except that the ``entry`` of each prefetch
-        Bundle is a list of :class:`LazyResource`; None when the body is anything but a JSON object
+        Bundle is a list of :class:`LazyResource` and members CDS Hooks 2.0 does not define are
+        left out (nothing reads them); None when the body is anything but a JSON object
         whose every part splits cleanly: the caller then parses it the ordinary way, which also
         produces the ordinary error messages.
     """
     try:
         if not body.isascii():
             body.decode("utf-8")  # msgspec does not check UTF-8 in the values it skips
-        top = _OBJECT.decode(body)
+        top = _ENVELOPE.decode(body)
         doc: dict[str, Any] = {}
-        for name, raw in top.items():
-            if name != opaque:
+        for name in _ENVELOPE_FIELDS:
+            raw = getattr(top, name)
+            if len(raw):
                 doc[name] = orjson.loads(memoryview(raw))  # type: ignore[arg-type]
-        raw_prefetch = top.get(opaque)
-        if raw_prefetch is not None:
-            doc[opaque] = _split_prefetch(raw_prefetch)
+        if top.prefetch is not msgspec.UNSET:
+            doc["prefetch"] = None if top.prefetch is None else {
+                key: _split_value(key, value) for key, value in top.prefetch.items()}
     except _SPLIT_ERRORS:
         return None
     return doc
-
-
-def _split_prefetch(raw: msgspec.Raw) -> Any:
-    try:
-        values = _OBJECT.decode(raw)
-    except msgspec.ValidationError:  # null, an array...: the schema's business
-        return orjson.loads(memoryview(raw))  # type: ignore[arg-type]
-    return {key: _split_value(key, value) for key, value in values.items()}
 
 
 def _split_value(key: str, raw: msgspec.Raw) -> Any:
