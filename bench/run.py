@@ -104,6 +104,17 @@ class Server:
                              capture_output=True, text=True).stdout
         return [round(int(line.split()[1]) / 1024, 1) for line in out.splitlines() if line]
 
+    def worker_cpu_seconds(self) -> list[float]:
+        """User + system CPU time of each worker so far (Linux /proc)."""
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
+                             capture_output=True, text=True).stdout
+        ticks = os.sysconf("SC_CLK_TCK")
+        cpu = []
+        for pid in out.split():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu.append((int(fields[11]) + int(fields[12])) / ticks)
+        return cpu
+
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)
         self.proc.wait(timeout=30)
@@ -281,12 +292,20 @@ def http_run(server: Server, service_id: str, body: bytes, n: int, clients: int,
             url = f"{server.base}/cds-services/{service_id}"
             subprocess.run(["wrk", "-t2", f"-c{clients}", "-d3s", "-s", str(script), url],
                            capture_output=True, check=True)
+            cpu_before = server.worker_cpu_seconds()
             out = subprocess.run(["wrk", "-t2", f"-c{clients}", f"-d{int(duration)}s",
                                   "--latency", "-s", str(script), url], capture_output=True,
                                  text=True, check=True).stdout
+            cpu_used = [a - b for a, b in zip(server.worker_cpu_seconds(), cpu_before,
+                                              strict=True)]
         import re
 
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore
+        done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore
+        # CPU per call is steadier than calls per second on a shared machine, and the share of
+        # each worker shows when the clients' keep-alive connections all landed on one worker.
+        worker_cpu = {"cpu_ms_per_call": round(sum(cpu_used) / done * 1000, 2),
+                      "cpu_share_per_worker": [round(c / sum(cpu_used), 2) for c in cpu_used]}
         if "Non-2xx" in out:
             raise RuntimeError(out)
     else:
@@ -295,12 +314,13 @@ def http_run(server: Server, service_id: str, body: bytes, n: int, clients: int,
         with ThreadPoolExecutor(clients) as pool:
             total = sum(pool.map(worker, [stop_at] * clients))
         rps = total / (time.perf_counter() - started)
+        worker_cpu = {}
     return {"prefetch_bytes": len(body), "single_client": single, "orjson_parse_dump": baseline,
             "ratio_p50_to_orjson": round(single["p50_ms"] / baseline["p50_ms"], 1),
             "orjson_parse_dump_clean_process_p50_ms": clean,
             "ratio_p50_to_orjson_clean_process": round(single["p50_ms"] / clean, 1),
             "concurrent_clients": clients, "load_client": client,
-            "requests_per_second": round(rps, 1)}
+            "requests_per_second": round(rps, 1), **worker_cpu}
 
 
 def bench_http(n: int, clients: int, duration: float) -> None:
@@ -328,7 +348,9 @@ def bench_http(n: int, clients: int, duration: float) -> None:
                   f"{result['ratio_p50_to_orjson']}x; in a clean process with GC off "
                   f"{result['orjson_parse_dump_clean_process_p50_ms']} ms, ratio "
                   f"{result['ratio_p50_to_orjson_clean_process']}x); {clients} clients: "
-                  f"{result['requests_per_second']} req/s")
+                  f"{result['requests_per_second']} req/s "
+                  f"({result.get('cpu_ms_per_call', '?')} ms of worker CPU per call, shares "
+                  f"{result.get('cpu_share_per_worker', '?')})")
         rss = server.worker_rss_mb()
     finally:
         server.stop()

@@ -34,6 +34,7 @@ def test_environment_values_are_typed():
     ({"LBP_CDS_JWT_ALGORITHMS": "none"}, "none"),
     ({"LBP_CDS_CORS_ORIGINS": "*"}, "dev"),
     ({"LBP_CDS_LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ({"LBP_CDS_KEEPALIVE_SECONDS": "-1"}, "KEEPALIVE_SECONDS"),
 ])
 def test_bad_values_name_the_variable(env, message):
     with pytest.raises(ConfigError, match=message):

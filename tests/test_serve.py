@@ -68,3 +68,18 @@ def test_sigterm_lets_the_request_in_flight_finish(service_server: ServerFactory
     assert time.monotonic() - started < 15
     assert server.process.returncode == 0
     slow.close()
+
+
+def test_keep_alive_is_off_by_default_and_can_be_set(service_server: ServerFactory) -> None:
+    """With keep-alive off, every call is a new connection that any idle worker may accept: a
+    few clients' connections cannot all stay pinned to one worker (bench/run.py saw 4 wrk
+    connections on one of 2 workers, and half the throughput, with keep-alive on)."""
+    default = service_server(args=["--dev", "--workers", "2", "--threads", "2"])
+    resp = requests.post(default.url("/cds-services/mini-triage"), json=triage_request(),
+                         timeout=30)
+    assert resp.status_code == 200 and resp.headers.get("Connection", "").lower() == "close"
+    kept = service_server(env={"LBP_CDS_KEEPALIVE_SECONDS": "5"},
+                          args=["--dev", "--workers", "1", "--threads", "2"])
+    resp = requests.post(kept.url("/cds-services/mini-triage"), json=triage_request(),
+                         timeout=30)
+    assert resp.status_code == 200 and resp.headers.get("Connection", "").lower() != "close"

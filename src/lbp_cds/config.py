@@ -93,6 +93,10 @@ class Settings:
         default=2, metadata={"doc": "gunicorn worker processes (one per core is a good start)."})
     threads: int = field(
         default=4, metadata={"doc": "Threads per worker (FHIR fetches wait on the network)."})
+    keepalive_seconds: int = field(
+        default=0, metadata={"doc": "HTTP keep-alive. 0 (a connection per call) spreads calls "
+                             "over the workers; with keep-alive a few clients can all land on "
+                             "one worker and leave a core idle."})
     graceful_timeout_seconds: int = field(
         default=20, metadata={"doc": "Time given to in-flight requests on shutdown."})
     log_level: str = field(default="INFO", metadata={"doc": "Log level (JSON logs to stderr)."})
@@ -136,6 +140,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive")
+        if self.keepalive_seconds < 0:
+            raise ConfigError(f"{PREFIX}KEEPALIVE_SECONDS must be 0 or more")
         algorithms = self.algorithms
         for alg in algorithms:
             if alg.lower() == "none" or alg.upper().startswith("HS"):

@@ -41,7 +41,7 @@ class GunicornApp(BaseApplication):  # type: ignore[misc]
             "worker_class": "gthread",
             "graceful_timeout": s.graceful_timeout_seconds,
             "timeout": max(30, int(s.fhir_deadline_seconds * 3)),
-            "keepalive": 5,
+            "keepalive": s.keepalive_seconds,
             "accesslog": None,
             "errorlog": "-",
             "loglevel": s.log_level.lower(),
