@@ -6,6 +6,7 @@ Building a Python dict for every value of every resource, then freeing it, was h
 a call. So the request body is split, not parsed:
 
 - the CDS Hooks envelope (hook, context, fhirAuthorization, ...) is parsed in full, as before;
+  members CDS Hooks 2.0 does not define are skipped (nothing reads them);
 - each prefetch Bundle keeps its entries' resources as slices of the body (``msgspec.Raw``), and
   decodes of each only its *head*: the fields the record indexes on (type, id, patient reference,
   coded elements, dates: see ``CODE_PATHS``, ``DATE_PATHS``, ``PATIENT_REFERENCE_FIELDS``);
@@ -15,7 +16,8 @@ msgspec checks the JSON grammar of every skipped value while it splits (a malfor
 fails the split, and the ordinary parser then answers with its usual error). Two things it does
 not check there, and the code below does: UTF-8 validity (the whole body is checked up front) and
 numbers beyond a double (``1e400``): a resource holding one fails when it is decoded, which is a
-400 naming the prefetch key, as the ordinary parser would have answered.
+400 naming the resource. Unlike the ordinary parser, which refuses such a body whole, a resource
+no rule reads is never decoded, so its number goes unseen.
 """
 
 from __future__ import annotations
