@@ -47,6 +47,22 @@ def test_evaluate_a_bundle_as_json(tmp_path, capsys):
     assert [c["extension"]["org.lbp-cds.rule"]["ruleId"] for c in cards] == ["CC"]
 
 
+def test_evaluate_a_synthea_style_transaction_resolves_urn_uuid_references(tmp_path, capsys):
+    # Synthea refers to the patient by its entry's fullUrl; left as is, the service would drop
+    # the Condition as naming another patient, and the back pain would go unseen.
+    person, back_pain = patient(), condition("M54.41")
+    back_pain["subject"] = {"reference": f"urn:uuid:{person['id']}"}
+    doc = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": f"urn:uuid:{person['id']}", "resource": person,
+         "request": {"method": "POST", "url": "Patient"}},
+        {"fullUrl": "urn:uuid:0b5c1a52-7d0e-4f7c-9a51-3a4c3f1f2d11", "resource": back_pain,
+         "request": {"method": "POST", "url": "Condition"}}]}
+    assert main(["evaluate", str(write(tmp_path, doc)), "--hook", "patient-view",
+                 "--now", "2026-03-02T10:00:00Z", "--json"]) == 0
+    cards = json.loads(capsys.readouterr().out)["cards"]
+    assert [c["extension"]["org.lbp-cds.rule"]["ruleId"] for c in cards] == ["CC"]
+
+
 def test_evaluate_reports_a_bad_request_without_a_trace(tmp_path, capsys):
     assert main(["evaluate", str(write(tmp_path, {"hook": "patient-view"}))]) == 1
     err = capsys.readouterr().err

@@ -188,15 +188,21 @@ def _parse_now(text: str | None) -> datetime:
 def request_from_bundle(bundle: dict[str, Any], hook: str) -> dict[str, Any]:
     """A hook request whose prefetch holds every resource of a patient Bundle, by type.
 
-    Draft ServiceRequests / MedicationRequests (status ``draft``) become the context's
-    ``draftOrders`` (all selected at order-select).
+    References to an entry's ``fullUrl`` (Synthea's ``urn:uuid:...``) become ``Type/id``, as a
+    FHIR server rewrites them when it stores a transaction: an EHR's prefetch never holds
+    ``urn:uuid`` references, and the service drops a resource whose subject it cannot tell is
+    the patient. Draft ServiceRequests / MedicationRequests (status ``draft``) become the
+    context's ``draftOrders`` (all selected at order-select).
     """
     import uuid
 
     from lbp_cds.knowledge import load
 
-    resources = [e["resource"] for e in bundle.get("entry", []) if isinstance(e, dict)
-                 and isinstance(e.get("resource"), dict)]
+    entries = [e for e in bundle.get("entry", []) if isinstance(e, dict)
+               and isinstance(e.get("resource"), dict)]
+    local = {e["fullUrl"]: f"{e['resource'].get('resourceType')}/{e['resource']['id']}"
+             for e in entries if isinstance(e.get("fullUrl"), str) and e["resource"].get("id")}
+    resources = [_resolve_references(e["resource"], local) for e in entries]
     patients = [r for r in resources if r.get("resourceType") == "Patient"]
     if not patients:
         from lbp_cds.errors import RequestError
@@ -227,6 +233,19 @@ def request_from_bundle(bundle: dict[str, Any], hook: str) -> dict[str, Any]:
         context["selections"] = [f"{d['resourceType']}/{d['id']}" for d in drafts]
     return {"hook": hook, "hookInstance": str(uuid.uuid4()), "context": context,
             "prefetch": prefetch}
+
+
+def _resolve_references(node: Any, local: dict[str, str]) -> Any:
+    """A copy of ``node`` with every ``reference`` to a key of ``local`` replaced by its value."""
+    if isinstance(node, dict):
+        out = {k: _resolve_references(v, local) for k, v in node.items()}
+        ref = out.get("reference")
+        if isinstance(ref, str) and ref in local:
+            out["reference"] = local[ref]
+        return out
+    if isinstance(node, list):
+        return [_resolve_references(v, local) for v in node]
+    return node
 
 
 def format_cards(cards: list[dict[str, Any]], service_id: str, hook: str) -> str:
