@@ -315,3 +315,34 @@ def test_a_prefetch_cut_short_is_fetched_again_or_marked_incomplete(service, fhi
     online = load(service, fhir, prefetch)
     assert online.available("Observation") and online.count("Observation") == 1
     assert any(path.startswith("/fhir/Observation?") for path, _auth in fhir.seen)
+
+
+def test_the_patient_is_parsed_as_the_elements_rules_read():
+    from datetime import datetime, timezone
+
+    from lbp_cds.facts import Context, age, sex
+    from lbp_cds.fhir_data import SEX_EXTENSION, record_from_resources
+
+    now = datetime(2026, 3, 2, tzinfo=timezone.utc)
+    person = {**patient(gender="male", birth="1970-01-01"),
+              # Elements no rule reads, one of them invalid: they must not hide age and sex.
+              "telecom": "not an array", "name": [{"family": "X"}],
+              "extension": [
+                  {"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
+                   "extension": [{"url": "text", "valueString": "x"}]},
+                  {"url": SEX_EXTENSION, "extension": [{"url": "value", "valueCodeableConcept": {
+                      "coding": [{"system": "http://loinc.org", "code": "female-typical"}]}}]}]}
+
+    def context(record: Any) -> Context:
+        return Context(record=record, now=now, knowledge=None,  # type: ignore[arg-type]
+                       hook="patient-view")
+
+    record = record_from_resources("p1", [person])
+    assert age(context(record), {"op": "ge", "value": 56}).status == "present"
+    # The sex parameter for clinical use is kept and wins over gender.
+    assert sex(context(record), {"is": "female"}).status == "present"
+    assert record.patient.telecom is None and record.patient.name is None
+    # What is read is still validated: a birth date that is not a date leaves age unknown.
+    bad = record_from_resources("p1", [{**person, "birthDate": "1970-13-45"}])
+    assert age(context(bad), {"op": "ge", "value": 56}).status == "unknown"
+    assert bad.parse_failures["Patient"] == 1

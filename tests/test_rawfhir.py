@@ -111,6 +111,11 @@ def test_a_resource_cannot_set_the_fields_the_split_sets() -> None:
     [{"fullUrl": "urn:x"}],                              # an entry without a resource
     [{"resource": observation("o1", code={"coding": {"code": "x"}})}],  # coding not an array
     [{"resource": observation("o1", subject="Patient/p1")}],           # reference not an object
+    # Heads are typed as FHIR types them: a value of another JSON type is read the ordinary way.
+    [{"resource": observation("o1", code={"coding": [{"system": 7, "code": "8310-5"}]})}],
+    [{"resource": observation("o1", effectiveDateTime=20260301)}],
+    [{"resource": observation("o1", subject={"reference": ["Patient/p1"]})}],
+    [{"resource": observation("o1", effectivePeriod={"start": 5})}],
 ])
 def test_odd_entries_take_the_ordinary_path(entries: list[Any]) -> None:
     body = body_with(entries)
@@ -212,6 +217,57 @@ def test_split_means_what_parse_json_means(prefetch: Any, other: dict[str, Any])
     ordinary = hooks.parse_json(body, opaque=frozenset({"prefetch"}))
     split = hooks.parse_hook_body(body)
     same_meaning(split, ordinary)
+
+
+# The record's lookups (codes, and date windows found by bisection) are the same split or parsed,
+# and the window keeps exactly the resources dated on or after its start, or undated.
+DATES = ["2026-03-01T10:00:00Z", "2026-03-01T11:00:00+02:00", "2026-03-01", "2026-02", "2025",
+         "2026-03-01T09:00:00", "not a date", "2026-13-01", ""]
+series_obs = st.builds(
+    lambda code, when, period, issued: {k: v for k, v in {
+        "resourceType": "Observation", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "subject": {"reference": f"Patient/{PID}"}, "effectiveDateTime": when,
+        "effectivePeriod": {"start": period} if period else None, "issued": issued}.items()
+        if v is not None},
+    st.sampled_from(["8310-5", "8867-4", "29463-7"]), st.one_of(st.none(), st.sampled_from(DATES)),
+    st.one_of(st.none(), st.sampled_from(DATES)), st.one_of(st.none(), st.sampled_from(DATES)))
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(observations=st.lists(series_obs, max_size=25),
+       since=st.lists(st.one_of(st.none(), st.sampled_from([
+           "2025-06-01T00:00:00Z", "2026-02-28T23:00:00Z", "2026-03-01T08:00:00Z",
+           "2026-03-01T09:00:00Z", "2026-03-01T10:00:00Z", "2026-04-01T00:00:00Z"])),
+           min_size=1, max_size=4))
+def test_record_lookups_are_the_same_split_or_parsed(observations: list[dict[str, Any]],
+                                                     since: list[str | None]) -> None:
+    from lbp_cds.fhir_data import PatientRecord, parse_datetime
+    from lbp_cds.knowledge import ValueSet
+
+    for i, obs in enumerate(observations):
+        obs["id"] = f"o{i}"
+    body = body_with([{"resource": o} for o in observations])
+    vs = ValueSet("t", "urn:t", "t", {"http://loinc.org": frozenset({"8310-5", "29463-7"})}, {},
+                  {}, {})
+    records = []
+    for doc in (hooks.parse_hook_body(body), hooks.parse_json(body, opaque=frozenset({"prefetch"}))):
+        entries = doc["prefetch"]["observations"]["entry"]
+        items = [e if type(e) is rawfhir.LazyResource else e["resource"] for e in entries]
+        records.append(PatientRecord(PID, {"Observation": items}))
+    split, parsed = records
+    n = len(observations)
+    assert [split.raw_date("Observation", p) for p in range(n)] == \
+        [parsed.raw_date("Observation", p) for p in range(n)]
+    for text in since:
+        start = parse_datetime(text) if text else None
+        got = [p for p, _raw in split.coded_raw("Observation", vs, start)]
+        assert got == [p for p, _raw in parsed.coded_raw("Observation", vs, start)]
+        wanted = [p for p, o in enumerate(observations)
+                  if o["code"]["coding"][0]["code"] in ("8310-5", "29463-7")
+                  and (start is None or (when := parsed.raw_date("Observation", p)) is None
+                       or when >= start)]
+        assert got == wanted
 
 
 # -- the same cards either way ----------------------------------------------------------------

@@ -18,7 +18,7 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-from lbp_cds.fhir_data import PatientRecord, as_list
+from lbp_cds.fhir_data import SEX_EXTENSION, PatientRecord, as_list
 from lbp_cds.knowledge import Knowledge, ValueSet
 
 PRESENT, ABSENT, UNKNOWN = "present", "absent", "unknown"
@@ -842,9 +842,6 @@ def age(ctx: Context, a: dict[str, Any]) -> Result:
     ev = Evidence("Age", f"{years} years", "", ref(patient))
     ok = OPS[a["op"]](years, float(a["value"]))
     return Result.present([ev], value=years) if ok else Result.absent([ev])
-
-
-SEX_EXTENSION = "http://hl7.org/fhir/StructureDefinition/patient-sexParameterForClinicalUse"
 
 
 def sex(ctx: Context, a: dict[str, Any]) -> Result:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -35,6 +36,11 @@ from lbp_cds.knowledge import ICD10CM, CodeUniverse, Service, ValueSet, normaliz
 from lbp_cds.rawfhir import CODE_PATHS, DATE_PATHS, PATIENT_REFERENCE_FIELDS, LazyResource
 
 log = logging.getLogger(__name__)
+
+# What rules read of the Patient (facts ``age`` and ``sex``), and the extensions kept with it.
+SEX_EXTENSION = "http://hl7.org/fhir/StructureDefinition/patient-sexParameterForClinicalUse"
+PATIENT_ELEMENTS = frozenset({"resourceType", "id", "birthDate", "gender", "extension"})
+PATIENT_EXTENSIONS = frozenset({SEX_EXTENSION})
 
 TEMPLATE_TYPE = re.compile(r"^([A-Z][A-Za-z]+)[/?]")
 
@@ -96,9 +102,13 @@ class PatientRecord:
         self.parse_failures: Counter[str] = Counter()
         self._parsed: dict[int, Any] = {}
         self._code_index: dict[str, dict[tuple[str, str], list[int]]] = {}
-        self._vs_cache: dict[tuple[str, str], list[tuple[int, datetime | None]]] = {}
+        self._vs_cache: dict[tuple[str, str], _Hits] = {}
         self._draft_raw = list(draft_orders or [])
         self._dates: dict[str, list[Any]] = {}  # by type, by position; _UNDATED until read
+        self._patient: Any = _UNDATED
+        self._sources: list[dict[str, Any]] = []
+        exact = universe.exact if universe is not None else None
+        prefixed = universe.prefixed_systems if universe is not None else frozenset()
         for rtype, items in resources.items():
             index: dict[tuple[str, str], list[int]] = {}
             for pos, item in enumerate(items):
@@ -107,8 +117,10 @@ class PatientRecord:
                 for system, code in found:
                     if system == ICD10CM:
                         code = normalize_code(system, code)
-                    if universe is not None and not universe.wants(system, code):
-                        continue  # no value set holds it: no fact can ask for it
+                    # Only codes some value set holds: no fact can ask for the others.
+                    if exact is not None and system not in prefixed and \
+                            code not in exact.get(system, ()):
+                        continue
                     where = index.get((system, code))
                     if where is None:
                         index[(system, code)] = [pos]
@@ -137,9 +149,29 @@ class PatientRecord:
     # -- access -------------------------------------------------------------------------------
     @property
     def patient(self) -> Any | None:
-        """The Patient resource (parsed), or None."""
-        items = self.all("Patient")
-        return items[0] if items else None
+        """The Patient, parsed, with only the elements rules read (``PATIENT_ELEMENTS``); or None.
+
+        An EHR's Patient carries names, addresses, identifiers and a dozen extensions (race,
+        ethnicity, birthplace...) that no rule reads and that cost fhir.resources most of a
+        millisecond to validate on every call. The projection is validated as a Patient; an
+        invalid element outside it no longer makes age and sex unknown.
+        """
+        if self._patient is _UNDATED:
+            self._patient = None
+            for pos in range(self.count("Patient")):
+                raw = self._item("Patient", pos)
+                if type(raw) is not dict:
+                    continue
+                projection = {k: v for k, v in raw.items() if k in PATIENT_ELEMENTS}
+                if isinstance(projection.get("extension"), list):
+                    projection["extension"] = [
+                        e for e in projection["extension"]
+                        if not isinstance(e, dict) or e.get("url") in PATIENT_EXTENSIONS]
+                self._sources.append(projection)  # _parse_one caches by id(): keep it alive
+                self._patient = self._parse_one("Patient", pos, projection)
+                if self._patient is not None:
+                    break
+        return self._patient
 
     def all(self, resource_type: str) -> list[Any]:
         """Every parsable resource of a type."""
@@ -169,18 +201,15 @@ class PatientRecord:
         with ``parse``, every resource it uses as evidence.
         """
         key = (resource_type, valueset.id)
-        found = self._vs_cache.get(key)
-        if found is None:
-            hits: set[int] = set()
-            for (system, code), where in self._code_index.get(resource_type, {}).items():
+        hits = self._vs_cache.get(key)
+        if hits is None:
+            where: set[int] = set()
+            for (system, code), positions in self._code_index.get(resource_type, {}).items():
                 if valueset.contains(system, code):
-                    hits.update(where)
-            found = [(p, self.raw_date(resource_type, p)) for p in sorted(hits)]
-            self._vs_cache[key] = found
+                    where.update(positions)
+            hits = self._vs_cache[key] = _Hits(self, resource_type, sorted(where))
         item = self._item
-        if since is None:
-            return [(p, item(resource_type, p)) for p, _when in found]
-        return [(p, item(resource_type, p)) for p, when in found if when is None or when >= since]
+        return [(p, item(resource_type, p)) for p in hits.since(since)]
 
     def raw_all(self, resource_type: str) -> list[tuple[int, dict[str, Any]]]:
         """Every raw resource of a type with its position (for screening before parsing)."""
@@ -194,7 +223,7 @@ class PatientRecord:
         when = dates[pos]
         if when is _UNDATED:
             item = self._raw[resource_type][pos]
-            when = dates[pos] = _first_date(item.date_text(resource_type)) \
+            when = dates[pos] = item.first_date(resource_type, parse_datetime) \
                 if type(item) is LazyResource else raw_date(resource_type, item)
         return when  # type: ignore[no-any-return]
 
@@ -254,6 +283,37 @@ class PatientRecord:
 
 
 _UNDATED = object()
+
+
+class _Hits:
+    """The positions of a type's resources in one value set, and the same by date.
+
+    A long series (years of temperatures) is asked for with many windows; the window's start
+    is found by bisection rather than by comparing every date.
+    """
+
+    __slots__ = ("positions", "whens", "dated", "undated")
+
+    def __init__(self, record: PatientRecord, resource_type: str, positions: list[int]) -> None:
+        self.positions = positions  # record order
+        by_date = []
+        self.undated: list[int] = []
+        for pos in positions:
+            when = record.raw_date(resource_type, pos)
+            if when is None:
+                self.undated.append(pos)
+            else:
+                by_date.append((when, pos))
+        by_date.sort()
+        self.whens: list[datetime] = [when for when, _pos in by_date]
+        self.dated: list[int] = [pos for _when, pos in by_date]
+
+    def since(self, since: datetime | None) -> list[int]:
+        """Positions, in record order, dated ``since`` or later, or undated (all if None)."""
+        start = 0 if since is None else bisect_left(self.whens, since)
+        if start == 0:
+            return self.positions
+        return sorted(self.undated + self.dated[start:])
 
 
 def _raw_codings(resource_type: str, raw: dict[str, Any]) -> list[tuple[str, str]]:

@@ -22,7 +22,8 @@ no rule reads is never decoded, so its number goes unseen.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgspec
 import orjson
@@ -50,14 +51,17 @@ DATE_PATHS: dict[str, tuple[str, ...]] = {
     "QuestionnaireResponse": ("authored",),
 }
 PATIENT_REFERENCE_FIELDS = ("subject", "patient")
+_T = TypeVar("_T")
 
 # The head of a resource is decoded into small msgspec Structs rather than dicts: they are built
-# and freed faster, and are not tracked by the garbage collector (JSON cannot make cycles). A
-# value of another shape than FHIR's (a ``coding`` that is not an array...) fails the split, and
-# the body then takes the ordinary path.
+# and freed faster, and are not tracked by the garbage collector (JSON cannot make cycles). The
+# fields are typed as FHIR types them (strings, arrays, objects), so the code reading heads needs
+# no type checks: a value of another shape (a ``coding`` that is not an array, a numeric
+# ``system``...) fails the split of its prefetch value, which is then parsed in full and read
+# the ordinary way.
 class _Coding(msgspec.Struct, gc=False):
-    system: Any = None
-    code: Any = None
+    system: str | None = None
+    code: str | None = None
 
 
 class _Concept(msgspec.Struct, gc=False):
@@ -65,11 +69,11 @@ class _Concept(msgspec.Struct, gc=False):
 
 
 class _Reference(msgspec.Struct, gc=False):
-    reference: Any = None
+    reference: str | None = None
 
 
 class _Period(msgspec.Struct, gc=False):
-    start: Any = None
+    start: str | None = None
 
 
 class _Component(msgspec.Struct, gc=False):
@@ -99,19 +103,19 @@ class LazyResource(msgspec.Struct, gc=False, rename={
     component: list[_Component] | None = None
     medicationCodeableConcept: _Concept | None = None  # noqa: N815
     procedureCode: _Concept | None = None  # noqa: N815
-    effectiveDateTime: Any = None  # noqa: N815
-    effectiveInstant: Any = None  # noqa: N815
+    effectiveDateTime: str | None = None  # noqa: N815
+    effectiveInstant: str | None = None  # noqa: N815
     effectivePeriod: _Period | None = None  # noqa: N815
-    issued: Any = None
-    onsetDateTime: Any = None  # noqa: N815
+    issued: str | None = None
+    onsetDateTime: str | None = None  # noqa: N815
     onsetPeriod: _Period | None = None  # noqa: N815
-    recordedDate: Any = None  # noqa: N815
-    performedDateTime: Any = None  # noqa: N815
+    recordedDate: str | None = None  # noqa: N815
+    performedDateTime: str | None = None  # noqa: N815
     performedPeriod: _Period | None = None  # noqa: N815
-    authoredOn: Any = None  # noqa: N815
-    occurrenceDateTime: Any = None  # noqa: N815
-    started: Any = None
-    authored: Any = None
+    authoredOn: str | None = None  # noqa: N815
+    occurrenceDateTime: str | None = None  # noqa: N815
+    started: str | None = None
+    authored: str | None = None
     raw: Any = None
     search_mode: Any = None
     key: str = ""
@@ -135,52 +139,81 @@ class LazyResource(msgspec.Struct, gc=False, rename={
     def codings(self, resource_type: str) -> list[tuple[str, str]]:
         """(system, code) of every coding where the type carries the codes rules match on."""
         out: list[tuple[str, str]] = []
-        for path in CODE_PATHS.get(resource_type, ()):
-            node = getattr(self, path[0])
-            if node is None:
-                continue
-            concepts = [getattr(c, path[1]) for c in node] if len(path) == 2 else [node]
-            for cc in concepts:
+        concepts, nested = _CODE_ATTRS.get(resource_type, _NO_CODE_ATTRS)
+        for name in concepts:
+            cc = getattr(self, name)
+            if cc is not None and cc.coding:
+                for c in cc.coding:
+                    if c.system is not None and c.code is not None:
+                        out.append((c.system, c.code))
+        for name, sub in nested:
+            for element in getattr(self, name) or ():
+                cc = getattr(element, sub)
                 if cc is not None and cc.coding:
                     for c in cc.coding:
-                        if type(c.system) is str and type(c.code) is str:
+                        if c.system is not None and c.code is not None:
                             out.append((c.system, c.code))
         return out
 
     def date_text(self, resource_type: str) -> list[str]:
-        """The values of the type's date paths, in order (strings only)."""
+        """The values of the type's date paths, in order."""
         out = []
-        for path in _DATE_PARTS.get(resource_type, ()):
-            node = getattr(self, path[0])
-            if len(path) == 2 and node is not None:
-                node = getattr(node, path[1])
-            if type(node) is str:
+        for name, sub in _DATE_ATTRS.get(resource_type, ()):
+            node = getattr(self, name)
+            if sub and node is not None:
+                node = getattr(node, sub)
+            if node is not None:
                 out.append(node)
         return out
 
-    def patient_reference(self) -> str | None:
-        """The first string ``reference`` among ``PATIENT_REFERENCE_FIELDS``."""
-        for name in PATIENT_REFERENCE_FIELDS:
+    def first_date(self, resource_type: str, parse: Callable[[str], _T | None]) -> _T | None:
+        """The first of the type's date paths that ``parse`` accepts, parsed (None if none)."""
+        for name, sub in _DATE_ATTRS.get(resource_type, ()):
             node = getattr(self, name)
-            if node is not None and type(node.reference) is str:
-                return node.reference  # type: ignore[no-any-return]
+            if sub and node is not None:
+                node = getattr(node, sub)
+            if node is not None:
+                when = parse(node)
+                if when is not None:
+                    return when
         return None
+
+    def patient_reference(self) -> str | None:
+        """The first ``reference`` among ``PATIENT_REFERENCE_FIELDS``."""
+        subject = self.subject
+        if subject is not None and subject.reference is not None:
+            return subject.reference
+        patient = self.patient
+        return patient.reference if patient is not None else None
 
     def __repr__(self) -> str:  # no content: it is PHI
         return f"LazyResource({self.resourceType!r}, {len(self.raw or b'')} bytes)"
 
 
-_DATE_PARTS = {rtype: tuple(tuple(p.split(".")) for p in paths)
-               for rtype, paths in DATE_PATHS.items()}
+# The same tables as attribute names of the head: for each type, the elements holding a
+# CodeableConcept, and (element, member) pairs for arrays of elements holding one
+# (``component.code``); the dates as (element, member or "").
+_CODE_ATTRS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {
+    rtype: (tuple(p[0] for p in paths if len(p) == 1),
+            tuple((p[0], p[1]) for p in paths if len(p) == 2))
+    for rtype, paths in CODE_PATHS.items()}
+_NO_CODE_ATTRS: tuple[tuple[str, ...], tuple[tuple[str, str], ...]] = ((), ())
+_DATE_ATTRS: dict[str, tuple[tuple[str, str], ...]] = {
+    rtype: tuple((p.split(".")[0], p.split(".")[1] if "." in p else "") for p in paths)
+    for rtype, paths in DATE_PATHS.items()}
 
 
 def _check_head_fields() -> None:
     fields = set(LazyResource.__struct_fields__)
     wanted = {"resourceType", "id", *PATIENT_REFERENCE_FIELDS}
     wanted |= {path[0] for paths in CODE_PATHS.values() for path in paths}
-    wanted |= {path[0] for paths in _DATE_PARTS.values() for path in paths}
-    if not wanted <= fields:  # pragma: no cover (a programming error, caught by any test run)
-        raise RuntimeError(f"LazyResource lacks head fields {sorted(wanted - fields)}")
+    wanted |= {name for attrs in _DATE_ATTRS.values() for name, _sub in attrs}
+    too_deep = any(len(p) > 2 for paths in CODE_PATHS.values() for p in paths) or any(
+        p.count(".") > 1 for paths in DATE_PATHS.values() for p in paths)
+    # pragma: no cover (a programming error, caught by any test run)
+    if not wanted <= fields or too_deep or PATIENT_REFERENCE_FIELDS != ("subject", "patient"):
+        raise RuntimeError("LazyResource no longer matches CODE_PATHS, DATE_PATHS or "
+                           f"PATIENT_REFERENCE_FIELDS (lacks {sorted(wanted - fields)})")
 
 
 _check_head_fields()
