@@ -255,3 +255,14 @@ def _leaves(engine: RuleEngine) -> list[Any]:
             if node is not None:
                 walk(node)
     return out
+
+
+@pytest.mark.parametrize("nest", ["group", "answer"])
+def test_intake_answers_are_found_in_nested_items(engine, nest):
+    qr = questionnaire_response({"ces-saddle": True, "other": False})
+    saddle, other = qr["item"]
+    if nest == "group":
+        qr["item"] = [other, {"linkId": "red-flags", "item": [saddle]}]
+    else:
+        qr["item"] = [{**other, "answer": [{**other["answer"][0], "item": [saddle]}]}]
+    assert fired(run(engine, [condition("M54.41"), qr])) == [("RF", "critical")]

@@ -83,3 +83,41 @@ def test_keep_alive_is_off_by_default_and_can_be_set(service_server: ServerFacto
     resp = requests.post(kept.url("/cds-services/mini-triage"), json=triage_request(),
                          timeout=30)
     assert resp.status_code == 200 and resp.headers.get("Connection", "").lower() != "close"
+
+
+def test_workers_serve_large_bodies_without_faulting_in_fresh_memory(
+        service_server: ServerFactory) -> None:
+    """glibc is told to keep large buffers in the heap (``serve.tune_malloc``). By default,
+    concurrent megabyte bodies in one worker are served from fresh mmaps and a heap that is
+    trimmed back after each: hundreds of pages of kernel-zeroed memory faulted in per call."""
+    import json
+    from pathlib import Path
+
+    server = service_server(args=["--dev", "--workers", "1", "--threads", "4"])
+    request = triage_request()
+    observations = request["prefetch"]["observations"]["entry"]
+    for i in range(3200):  # a megabyte of old temperatures, as in bench/run.py
+        old = json.loads(json.dumps(observations[0]))
+        old["resource"].update(id=f"old-{i}", effectiveDateTime=f"20{10 + i % 10}-01-01")
+        observations.append(old)
+    body = json.dumps(request).encode()
+    assert len(body) > 1_000_000
+
+    def call(_i: int) -> None:
+        resp = requests.post(server.url("/cds-services/mini-triage"), data=body, timeout=30,
+                             headers={"Content-Type": "application/json"})
+        assert resp.status_code == 200, resp.text[:300]
+
+    (worker,) = [int(p) for p in Path(f"/proc/{server.process.pid}/task").glob("*/children")
+                 for p in p.read_text().split()]
+
+    def minor_faults() -> int:
+        fields = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[7])
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(call, range(8)))
+        before = minor_faults()
+        list(pool.map(call, range(40)))
+    per_call = (minor_faults() - before) / 40
+    assert per_call < 60, f"{per_call} minor page faults per call"

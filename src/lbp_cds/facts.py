@@ -699,16 +699,24 @@ def _responses(ctx: Context) -> list[Any]:
     return list(ctx.cache[key])
 
 
-def _answers(qr: Any, link_id: str) -> list[Any]:
-    stack = list(qr.item or [])
-    while stack:
-        item = stack.pop()
-        if item.linkId == link_id:
-            return list(item.answer or [])
-        stack.extend(item.item or [])
-        for answer in item.answer or []:
-            stack.extend(answer.item or [])
-    return []
+def _answers(ctx: Context, qr: Any, link_id: str) -> list[Any]:
+    """The answers to an item of a response (an intake has dozens of items, and rules ask for
+    dozens of them: the response is indexed by linkId once per call)."""
+    key = ("answers", id(qr))  # the record keeps qr alive for the call: its id stays its own
+    index: dict[str, list[Any]] | None = ctx.cache.get(key)
+    if index is None:
+        index = ctx.cache[key] = {}
+        # Depth first from the last item; when a linkId repeats, the first found keeps its
+        # answers (the order the item-by-item search this replaces returned them in).
+        stack = list(qr.item or [])
+        while stack:
+            item = stack.pop()
+            if item.linkId not in index:
+                index[item.linkId] = list(item.answer or [])
+            stack.extend(item.item or [])
+            for answer in item.answer or []:
+                stack.extend(answer.item or [])
+    return index.get(link_id, [])
 
 
 def _answer_value(answer: Any) -> Any:
@@ -730,7 +738,8 @@ def latest_answers(ctx: Context, link_id: str, within_days: float | None = None
         authored = as_datetime(qr.authored)
         if start is not None and (authored is None or authored < start):
             continue
-        values = [v for v in (_answer_value(a) for a in _answers(qr, link_id)) if v is not None]
+        values = [v for v in (_answer_value(a) for a in _answers(ctx, qr, link_id))
+                  if v is not None]
         if values:
             return values, qr
     return [], None

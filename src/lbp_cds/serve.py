@@ -59,6 +59,7 @@ class GunicornApp(BaseApplication):  # type: ignore[misc]
         configure_logging(self.settings.log_level)
         app = create_app(self.settings)
         tune_gc()
+        tune_malloc()
         return app
 
 
@@ -76,6 +77,38 @@ def tune_gc() -> None:
 
 
 GC_THRESHOLDS = (50_000, 20, 20)
+
+# glibc's mallopt parameters (malloc.h) and the values set: buffers up to 32 MiB (a hook body,
+# its JSON output) come from the heap, and the heap keeps up to 64 MiB of freed memory.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_MMAP_THRESHOLD = 32 * 1024 * 1024
+MALLOC_TRIM_THRESHOLD = 64 * 1024 * 1024
+
+
+def tune_malloc() -> bool:
+    """Keep a worker's large buffers in its heap between calls (glibc only; else a no-op).
+
+    By default glibc serves each megabyte-sized request body from a fresh mmap and returns the
+    heap's free top to the kernel: every such call then faulted in 250-350 fresh pages (about
+    a third of a millisecond of kernel time; measured with /proc/<pid>/stat under wrk). Held
+    in the heap, they cost none; the price is resident memory that stays at the high-water mark.
+
+    Returns:
+        True when glibc accepted both settings.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return False  # not glibc (musl, macOS): its allocator has its own policy
+    if mallopt is None:
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1
+    return mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) == 1 and ok
 
 
 def run(settings: Settings) -> int:
