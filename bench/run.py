@@ -5,7 +5,9 @@ Sections (all by default; choose with --only):
             in-process (Flask test client) and over HTTP (gunicorn on loopback).
   rules     every rule of the real pack over a 1,000-resource record, in-process (engine only,
             and the whole request path).
-  http      patient-view with a ~1 MB Synthea-sized prefetch over HTTP: p50/p95, requests/s with
+  http      patient-view over HTTP, for the largest Synthea record here (1.04 MB, full prefetch) and
+            a synthetic 1 MB prefetch: p50/p95 of one sequential client (wrk when installed, and
+            python-requests), requests/s with
             4 concurrent clients, the ratio to orjson parse+dump of the same request.
   scaling   cost at 100, 1,000 and 10,000 resources (in-process), with the per-resource slope.
   rss       resident memory per gunicorn worker after the http section.
@@ -266,11 +268,24 @@ def clean_orjson_p50(body: bytes, n: int) -> float:
     return round(float(out), 3)
 
 
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local f = io.open("{body}", "rb")
+wrk.body = f:read("*all")
+f:close()
+done = function(summary, latency, requests)
+  io.write(string.format("\\nLATENCY %.3f %.3f %d\\n", latency:percentile(50) / 1000,
+                         latency:percentile(95) / 1000, summary.requests))
+end
+"""
+
+
 def http_run(server: Server, service_id: str, body: bytes, n: int, clients: int,
              duration: float) -> dict[str, Any]:
     baseline = timed(lambda: orjson.dumps(orjson.loads(body)), max(n, 50))
     clean = clean_orjson_p50(body, max(n, 50))
     single = timed(over_http(server.base, service_id, body), n)
+    result: dict[str, Any] = {}
 
     def worker(stop_at: float) -> int:
         call = over_http(server.base, service_id, body)
@@ -287,10 +302,16 @@ def http_run(server: Server, service_id: str, body: bytes, n: int, clients: int,
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "body.json").write_bytes(body)
             script = Path(tmp) / "post.lua"
-            script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = '
-                              f'"application/json"\nlocal f = io.open("{tmp}/body.json", "rb")'
-                              '\nwrk.body = f:read("*all")\nf:close()\n')
+            script.write_text(WRK_SCRIPT.replace("{body}", f"{tmp}/body.json"))
             url = f"{server.base}/cds-services/{service_id}"
+            # One client, sequential calls: the latency of the service with a client that
+            # costs next to nothing (python-requests spends 1-2 ms of the 2 cores per call).
+            out = subprocess.run(["wrk", "-t1", "-c1", f"-d{max(3, int(duration / 2))}s", "-s",
+                                  str(script), url], capture_output=True, text=True,
+                                 check=True).stdout
+            p50, p95, count = out.split("LATENCY", 1)[1].split()[:3]
+            result["single_client_wrk"] = {"n": int(count), "p50_ms": float(p50),
+                                           "p95_ms": float(p95)}
             subprocess.run(["wrk", "-t2", f"-c{clients}", "-d3s", "-s", str(script), url],
                            capture_output=True, check=True)
             cpu_before = server.worker_cpu_seconds()
@@ -316,10 +337,13 @@ def http_run(server: Server, service_id: str, body: bytes, n: int, clients: int,
             total = sum(pool.map(worker, [stop_at] * clients))
         rps = total / (time.perf_counter() - started)
         worker_cpu = {}
-    return {"prefetch_bytes": len(body), "single_client": single, "orjson_parse_dump": baseline,
-            "ratio_p50_to_orjson": round(single["p50_ms"] / baseline["p50_ms"], 1),
+    latency = result.get("single_client_wrk", single)
+    return {"prefetch_bytes": len(body), "single_client": single, **result,
+            "latency_client": "wrk" if "single_client_wrk" in result else "python requests",
+            "orjson_parse_dump": baseline,
+            "ratio_p50_to_orjson": round(latency["p50_ms"] / baseline["p50_ms"], 1),
             "orjson_parse_dump_clean_process_p50_ms": clean,
-            "ratio_p50_to_orjson_clean_process": round(single["p50_ms"] / clean, 1),
+            "ratio_p50_to_orjson_clean_process": round(latency["p50_ms"] / clean, 1),
             "concurrent_clients": clients, "load_client": client,
             "requests_per_second": round(rps, 1), **worker_cpu}
 
@@ -342,9 +366,12 @@ def bench_http(n: int, clients: int, duration: float) -> None:
             result = http_run(server, service.id, body, n, clients, duration)
             result["record"] = what
             RESULTS[key] = result
-            single = result["single_client"]
+            single = result.get("single_client_wrk", result["single_client"])
+            slow = result["single_client"]
             print(f"{key} ({what}, {len(body) / 1e6:.2f} MB prefetch): p50 {single['p50_ms']} "
-                  f"ms p95 {single['p95_ms']} ms; orjson parse+dump p50 "
+                  f"ms p95 {single['p95_ms']} ms ({result['latency_client']}; with python "
+                  f"requests as the client p50 {slow['p50_ms']} ms p95 {slow['p95_ms']} ms); "
+                  f"orjson parse+dump p50 "
                   f"{result['orjson_parse_dump']['p50_ms']} ms (ratio "
                   f"{result['ratio_p50_to_orjson']}x; in a clean process with GC off "
                   f"{result['orjson_parse_dump_clean_process_p50_ms']} ms, ratio "

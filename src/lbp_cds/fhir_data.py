@@ -292,7 +292,7 @@ class _Hits:
     is found by bisection rather than by comparing every date.
     """
 
-    __slots__ = ("positions", "whens", "dated", "undated")
+    __slots__ = ("dated", "positions", "undated", "whens")
 
     def __init__(self, record: PatientRecord, resource_type: str, positions: list[int]) -> None:
         self.positions = positions  # record order
