@@ -89,9 +89,9 @@ def tune_malloc() -> bool:
     """Keep a worker's large buffers in its heap between calls (glibc only; else a no-op).
 
     By default glibc serves each megabyte-sized request body from a fresh mmap and returns the
-    heap's free top to the kernel: every such call then faulted in 250-350 fresh pages (about
-    a third of a millisecond of kernel time; measured with /proc/<pid>/stat under wrk). Held
-    in the heap, they cost none; the price is resident memory that stays at the high-water mark.
+    heap's free top to the kernel: every such call then faulted in 250-400 fresh pages
+    (0.4-0.7 ms of kernel time per call; measured with /proc/<pid>/stat under wrk). Held in
+    the heap, they cost none; the price is resident memory that stays at the high-water mark.
 
     Returns:
         True when glibc accepted both settings.
