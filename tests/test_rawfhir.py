@@ -8,7 +8,7 @@ the same cards whether its prefetch was split or parsed in full.
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from lbp_cds import create_app, hooks, rawfhir
 from lbp_cds.api import evaluate
 from lbp_cds.config import Settings
 from lbp_cds.errors import JsonTooDeep, PreconditionFailed, RequestError
-from lbp_cds.fhir_data import load_record
+from lbp_cds.fhir_data import load_record, parse_datetime
 from lbp_cds.fixtures import hook_request, read_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,14 @@ def test_bundle_entries_are_lazy_with_their_heads_decoded() -> None:
     assert entry.patient_reference() == f"Patient/{PID}"
     assert entry.codings("Observation") == [("http://loinc.org", "8310-5"),
                                             ("http://loinc.org", "8480-6")]
-    assert entry.date_text("Observation") == ["2026-03-01T10:00:00Z"]
+    assert entry.first_date("Observation", parse_datetime) == datetime(2026, 3, 1, 10,
+                                                                       tzinfo=timezone.utc)
+    # The first date path that parses wins (effectiveDateTime, then ... issued).
+    (late,) = hooks.parse_hook_body(body_with([{"resource": observation(
+        "o2", effectiveDateTime="garbage", issued="2026-03-02")}]))["prefetch"][
+        "observations"]["entry"]
+    assert late.first_date("Observation", parse_datetime) == datetime(2026, 3, 2,
+                                                                      tzinfo=timezone.utc)
     assert entry.decode() == obs
     # Patient is not a Bundle: parsed in full; null stays null.
     assert doc["prefetch"]["patient"] == {"resourceType": "Patient", "id": PID}

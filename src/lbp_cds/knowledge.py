@@ -120,14 +120,15 @@ class ValueSet:
 
 @dataclass(frozen=True)
 class CodeUniverse:
-    """The codes worth indexing: exact codes per system, and systems matched by prefix."""
+    """The codes worth indexing: exact codes per system, and systems matched by prefix.
+
+    Some value set could contain ``system|code`` (code normalized) when ``system`` is in
+    ``prefixed_systems`` or ``code`` in ``exact[system]``; ``PatientRecord`` tests this inline,
+    once per coding of the record.
+    """
 
     exact: Mapping[str, frozenset[str]]
     prefixed_systems: frozenset[str]
-
-    def wants(self, system: str, code: str) -> bool:
-        """Tell whether some value set could contain ``system|code`` (code normalized)."""
-        return system in self.prefixed_systems or code in self.exact.get(system, ())
 
 
 @dataclass(frozen=True)

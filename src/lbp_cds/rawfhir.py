@@ -155,17 +155,6 @@ class LazyResource(msgspec.Struct, gc=False, rename={
                             out.append((c.system, c.code))
         return out
 
-    def date_text(self, resource_type: str) -> list[str]:
-        """The values of the type's date paths, in order."""
-        out = []
-        for name, sub in _DATE_ATTRS.get(resource_type, ()):
-            node = getattr(self, name)
-            if sub and node is not None:
-                node = getattr(node, sub)
-            if node is not None:
-                out.append(node)
-        return out
-
     def first_date(self, resource_type: str, parse: Callable[[str], _T | None]) -> _T | None:
         """The first of the type's date paths that ``parse`` accepts, parsed (None if none)."""
         for name, sub in _DATE_ATTRS.get(resource_type, ()):
