@@ -109,6 +109,44 @@ def test_feedback_report_reads_the_store(tmp_path, monkeypatch, capsys, make_app
     assert "LV" in out and "100.0%" in out and "Red flag present" in out
 
 
+def test_migrate_and_purge(tmp_path, monkeypatch, capsys):
+    from datetime import datetime, timedelta, timezone
+
+    from lbp_cds.cards import IssuedCard
+    from lbp_cds.hooks import Feedback
+    from lbp_cds.store import Store
+
+    db = f"sqlite:///{tmp_path}/store.sqlite3"
+    monkeypatch.setenv("LBP_CDS_DATABASE_URL", db)
+    assert main(["migrate"]) == 0
+    assert capsys.readouterr().out.startswith("store at schema revision 0002")
+    store = Store(db)
+    now = datetime.now(timezone.utc)
+    for age_days, uuid in ((400, "old"), (10, "recent")):
+        when = now - timedelta(days=age_days)
+        store.record_issued("svc", "h", [IssuedCard({"uuid": uuid}, "LV-1", "info", ())], when)
+        store.record_feedback([Feedback(uuid, "accepted", (), None, None, when)], when)
+    store.claim("iss|gone", 1.0)
+    store.claim("iss|live", 4e9)
+
+    assert main(["purge", "--older-than-days", "365", "--dry-run"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert dry["would delete"] == {"issued_cards": 1, "feedback": 1, "jwt_replay": 1}
+    assert store.count("issued_cards") == 2  # a dry run deletes nothing
+
+    assert main(["purge", "--older-than-days", "365"]) == 0
+    assert json.loads(capsys.readouterr().out)["deleted"] == {
+        "issued_cards": 1, "feedback": 1, "jwt_replay": 1}
+    assert store.card("old") is None and store.card("recent") is not None
+    assert store.count("feedback") == 1 and store.count("jwt_replay") == 1
+    store.engine.dispose()
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["purge", "--older-than-days", "0"])
+    assert exit_.value.code == 2
+    assert "at least 1 day" in capsys.readouterr().err
+
+
 def test_serve_refuses_to_start_without_clients(tmp_path):
     env = dict(os.environ, LBP_CDS_DATABASE_URL=f"sqlite:///{tmp_path}/s.sqlite3",
                LBP_CDS_KNOWLEDGE_DIR=str(MINI), LBP_CDS_PUBLIC_BASE_URL="https://cds.example.org")
@@ -149,6 +187,13 @@ def test_the_wheel_installs_and_finds_its_knowledge_without_the_checkout(tmp_pat
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert str(env_dir) in proc.stdout  # the pack inside site-packages, not the checkout
+    # The schema migrations travel in the wheel too.
+    migrated = subprocess.run(
+        [str(env_dir / "bin" / "lbp-cds"), "migrate"], cwd=tmp_path, capture_output=True,
+        env=dict(env, LBP_CDS_DATABASE_URL=f"sqlite:///{tmp_path}/wheel.sqlite3"), text=True,
+        timeout=120)
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    assert "schema revision 0002" in migrated.stdout
     fixtures = subprocess.run(
         [str(py), "-c", "from lbp_cds.fixtures import load_scenarios; "
          "print(len(load_scenarios()))"], cwd=tmp_path, env=env, capture_output=True,

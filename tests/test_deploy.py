@@ -699,3 +699,30 @@ def test_dockerignore_sends_only_the_wheel_sources() -> None:
         "lbp-cds.sqlite3",
     ):
         assert _dockerignore_excludes(patterns, path), f"{path} would be sent to the builder"
+
+
+# --------------------------------------------------------------------------- retention job
+
+
+def test_retention_job_runs_a_purge_the_cli_accepts_on_the_shared_database() -> None:
+    from lbp_cds.cli import build_parser
+
+    job = one("CronJob")
+    assert job["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == app_container()["image"]
+    assert container["command"] == ["lbp-cds"], "must replace the image's `serve` entrypoint"
+    args = build_parser().parse_args(container["args"])  # exits (fails) on an unknown option
+    assert args.func.__name__ == "cmd_purge" and args.older_than_days >= 365
+    assert not args.dry_run
+    env = {e["name"]: e for e in container["env"]}
+    assert env["LBP_CDS_DATABASE_URL"] == container_env()["LBP_CDS_DATABASE_URL"]
+    sc, pod_sc = container["securityContext"], pod["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert pod_sc["runAsUser"] == dockerfile_uid() and pod_sc["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    # Its pods are not web pods: no Service, PDB or autoscaler may count them.
+    labels = job["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    web = one("Service")["spec"]["selector"]
+    assert any(labels.get(k) != v for k, v in web.items())

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -36,14 +36,14 @@ def store(request, tmp_path: Path):
     else:
         s = Store(postgres_url())
         _reset(s)
-    s.create()
+    s.migrate()
     yield s
     s.engine.dispose()
 
 
 def _reset(s: Store) -> None:
     with s.engine.begin() as conn:
-        for table in ("feedback", "issued_cards", "jwt_replay"):
+        for table in ("feedback", "issued_cards", "jwt_replay", "alembic_version"):
             conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
 
 
@@ -96,12 +96,12 @@ def test_no_patient_data_in_the_schema():
 
 WORKER = r"""
 import sys, uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from lbp_cds.store import Store
 from lbp_cds.hooks import Feedback
 url, prefix, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cards = [line.strip() for line in sys.stdin if line.strip()]
-s = Store(url); s.create()
+s = Store(url); s.migrate()
 t = datetime(2026, 3, 2, 10, 0, tzinfo=timezone.utc)
 for card in cards:
     for i in range(n):
@@ -116,7 +116,7 @@ print(claimed)
 def test_two_processes_on_one_database_lose_and_duplicate_nothing():
     s = Store(postgres_url())
     _reset(s)
-    s.create()
+    s.migrate()
     cards = [issued() for _ in range(20)]
     s.record_issued("svc", "h", cards, T0)
     ids = "\n".join(c.card["uuid"] for c in cards)
@@ -130,3 +130,20 @@ def test_two_processes_on_one_database_lose_and_duplicate_nothing():
     # One shared row per card, plus one row per process per card: 3 x 20.
     assert s.count("feedback") == 60
     s.engine.dispose()
+
+
+def test_purge_deletes_only_what_is_older_than_the_cut_off(store):
+    old, recent = issued(), issued()
+    store.record_issued("svc", "h", [old], T0 - timedelta(days=400))
+    store.record_issued("svc", "h", [recent], T0)
+    for c, when in ((old, T0 - timedelta(days=400)), (recent, T0)):
+        store.record_feedback([Feedback(c.card["uuid"], "accepted", (), None, None, when)], when)
+    cut = T0 - timedelta(days=365)
+    assert store.purge(cut, dry_run=True) == {"issued_cards": 1, "feedback": 1,
+                                              "jwt_replay": 0}
+    assert store.count("issued_cards") == 2
+    assert store.purge(cut) == {"issued_cards": 1, "feedback": 1, "jwt_replay": 0}
+    assert store.card(old.card["uuid"]) is None
+    assert store.card(recent.card["uuid"]) is not None
+    (entry,) = store.feedback_report()
+    assert (entry["issued"], entry["accepted"]) == (1, 1)

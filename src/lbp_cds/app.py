@@ -48,7 +48,7 @@ def create_app(
     engine = RuleEngine(pack)
     _ = pack.code_universe  # built once, here, not on the first hook call
     store = Store(settings.database_url)
-    store.create()
+    store.migrate()
     http = session or requests.Session()
     verifier = None
     if settings.dev:

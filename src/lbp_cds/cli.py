@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("feedback-report", help="acceptance and override rates per rule")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_feedback_report)
+
+    m = sub.add_parser("migrate", help="create the store's schema or migrate it to the newest "
+                                       "revision (serve does this on start)")
+    m.set_defaults(func=cmd_migrate)
+
+    pu = sub.add_parser("purge", help="delete issued cards and feedback older than N days")
+    pu.add_argument("--older-than-days", type=_positive_days, required=True, metavar="N",
+                    help="keep the last N days (N >= 1)")
+    pu.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    pu.set_defaults(func=cmd_purge)
 
     fx = sub.add_parser("fixtures", help="fixture patients")
     fxs = fx.add_subparsers(metavar="ACTION")
@@ -300,7 +310,7 @@ def cmd_feedback_report(args: argparse.Namespace) -> int:
     from lbp_cds.store import Store
 
     store = Store(Settings.from_env().database_url)
-    store.create()
+    store.migrate()
     report = store.feedback_report()
     if args.json:
         print(json.dumps(report, indent=2))
@@ -311,6 +321,46 @@ def cmd_feedback_report(args: argparse.Namespace) -> int:
         reasons = "; ".join(f"{k} ({v})" for k, v in sorted(e["reasons"].items()))
         print(f"{e['rule']:<14}{e['issued']:>8}{e['accepted']:>10}{e['overridden']:>12}"
               f"{e['acceptance_rate'] * 100:>8.1f}%{e['override_rate'] * 100:>10.1f}%  {reasons}")
+    return 0
+
+
+def _positive_days(value: str) -> int:
+    try:
+        days = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of days: {value!r}") from None
+    if days < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 day, not {days}")
+    return days
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Create or migrate the store's schema; print the revision it is at."""
+    from lbp_cds.config import Settings
+    from lbp_cds.store import Store
+
+    store = Store(Settings.from_env().database_url)
+    try:
+        print(f"store at schema revision {store.migrate()}")
+    finally:
+        store.engine.dispose()
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Delete what is older than the retention period; print the counts."""
+    from lbp_cds.config import Settings
+    from lbp_cds.store import Store
+
+    store = Store(Settings.from_env().database_url)
+    try:
+        store.migrate()
+        before = datetime.now(timezone.utc) - timedelta(days=args.older_than_days)
+        counts = store.purge(before, dry_run=args.dry_run)
+    finally:
+        store.engine.dispose()
+    verb = "would delete" if args.dry_run else "deleted"
+    print(json.dumps({"before": before.isoformat(), "dry_run": args.dry_run, verb: counts}))
     return 0
 
 

@@ -1,21 +1,24 @@
 """Issued cards, feedback and the JWT replay cache (SQLAlchemy Core).
 
 SQLite file by default; any SQLAlchemy URL (PostgreSQL for several replicas). The schema is
-created on start (``Store.create``), and is additive so that older replicas keep working while a
-newer one starts. Nothing here identifies a patient: cards are kept by uuid, rule, indicator,
-service and hookInstance; feedback by card uuid, outcome, suggestion uuids and the coded override
-reason. A clinician's free-text override comment may name the patient, so it is not stored (only
+created or migrated on start (``Store.migrate``, Alembic revisions in ``lbp_cds/migrations``);
+revisions are additive so that older replicas keep working while a newer one starts. Nothing
+here identifies a patient: cards are kept by uuid, rule, indicator, service and hookInstance;
+feedback by card uuid, outcome, suggestion uuids and the coded override reason. A clinician's free-text override comment may name the patient, so it is not stored (only
 whether there was one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -42,7 +45,9 @@ from sqlalchemy.pool import StaticPool
 from lbp_cds.cards import IssuedCard
 from lbp_cds.hooks import Feedback
 
+log = logging.getLogger(__name__)
 metadata = MetaData()
+MIGRATIONS = Path(__file__).with_name("migrations")
 
 issued_cards = Table(
     "issued_cards", metadata,
@@ -52,7 +57,7 @@ issued_cards = Table(
     Column("indicator", String(16), nullable=False),
     Column("hook_instance", String(128), nullable=False),
     Column("suggestion_uuids", Text, nullable=False, default=""),
-    Column("issued_at", DateTime(timezone=True), nullable=False),
+    Column("issued_at", DateTime(timezone=True), nullable=False, index=True),
 )
 
 feedback = Table(
@@ -67,7 +72,7 @@ feedback = Table(
     Column("override_display", String(256)),
     Column("has_comment", Boolean, nullable=False, default=False),
     Column("outcome_at", DateTime(timezone=True), nullable=False),
-    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False, index=True),
 )
 
 jwt_replay = Table(
@@ -105,18 +110,66 @@ class Store:
         self.engine: Engine = create_engine(url, **kwargs)
         self._last_purge = 0.0
 
-    def create(self) -> None:
-        """Create the tables that do not exist yet (safe to run from several processes)."""
-        if self.engine.dialect.name == "sqlite":
-            with self.engine.begin() as conn:
+    def migrate(self) -> str:
+        """Create the schema, or bring it to the newest revision (safe from several processes).
+
+        A database made by release 0.1.0, before migrations, is adopted as it is (revision
+        0001) and then migrated. A database already migrated by a newer release is left as it
+        is: revisions only add, so this release still runs on it (a rolling update's old pods,
+        a rollback).
+
+        Returns:
+            The revision the database is at now.
+        """
+        from alembic import command
+        from alembic.config import Config
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+        from alembic.util import CommandError
+
+        scripts = ScriptDirectory(str(MIGRATIONS))
+
+        with self._migration_lock(), self.engine.connect() as conn:
+            if self.engine.dialect.name == "sqlite":
+                # Under the lock: changing the journal mode fails, without waiting, while
+                # another process migrates.
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-            metadata.create_all(self.engine, checkfirst=True)
-            return
-        with self.engine.begin() as conn:
+                conn.commit()
             if self.engine.dialect.name == "postgresql":
-                # Replicas starting together take turns: the lock ends with the transaction.
+                # Replicas starting together take turns; the lock ends with the transaction,
+                # which also holds the migration (PostgreSQL's DDL is transactional).
                 conn.execute(text("SELECT pg_advisory_xact_lock(4242001)"))
-            metadata.create_all(conn, checkfirst=True)
+            current = MigrationContext.configure(conn).get_current_revision()
+            if current is not None:
+                try:
+                    scripts.get_revision(current)
+                except CommandError:
+                    log.warning("database schema is newer than this release: running on it",
+                                extra={"revision": current,
+                                       "release_head": scripts.get_current_head()})
+                    conn.rollback()
+                    return current
+            config = Config(attributes={"connection": conn})
+            config.set_main_option("script_location", str(MIGRATIONS))
+            command.upgrade(config, "head")
+            conn.commit()
+            return str(MigrationContext.configure(conn).get_current_revision())
+
+    @contextlib.contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        """Serialise migrations of one SQLite file across processes (PostgreSQL locks itself)."""
+        database = self.engine.url.database
+        if self.engine.dialect.name != "sqlite" or not database or database == ":memory:":
+            yield
+            return
+        import fcntl
+
+        with open(f"{database}.migrate-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def ping(self) -> bool:
         """Tell whether the database answers."""
@@ -214,6 +267,33 @@ class Store:
             entry["acceptance_rate"] = round(entry["accepted"] / n, 3) if n else 0.0
             entry["override_rate"] = round(entry["overridden"] / n, 3) if n else 0.0
         return sorted(report.values(), key=lambda e: e["rule"])
+
+    # -- retention ------------------------------------------------------------------------------
+    def purge(self, before: datetime, dry_run: bool = False) -> dict[str, int]:
+        """Delete issued cards and feedback older than ``before``, and expired JWT ids.
+
+        Cards go by ``issued_at``, feedback by ``received_at`` (both indexed, revision 0002).
+        Feedback on a card that is gone no longer counts in ``feedback_report``: purge cards and
+        feedback with one cut-off.
+
+        Returns:
+            Rows deleted (or, with ``dry_run``, that would be) per table.
+        """
+        wheres = {
+            "issued_cards": issued_cards.c.issued_at < before,
+            "feedback": feedback.c.received_at < before,
+            "jwt_replay": jwt_replay.c.expires_at < time.time(),
+        }
+        counts: dict[str, int] = {}
+        with self.engine.begin() as conn:
+            for name, where in wheres.items():
+                table = metadata.tables[name]
+                if dry_run:
+                    counts[name] = int(conn.execute(
+                        select(func.count()).select_from(table).where(where)).scalar_one())
+                else:
+                    counts[name] = int(conn.execute(delete(table).where(where)).rowcount)
+        return counts
 
     def count(self, table: str) -> int:
         """Rows in a table (tests, readiness)."""
