@@ -39,7 +39,7 @@ from sqlalchemy import (
 
 from lbp_cds.cards import IssuedCard
 from lbp_cds.hooks import Feedback
-from lbp_cds.store import MIGRATIONS, Store, metadata
+from lbp_cds.store import MIGRATIONS, SCHEMA_REVISION, Store, metadata
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=timezone.utc)
 SCHEMA = "lbp_cds_migrations"
@@ -77,6 +77,7 @@ def release_010_metadata() -> MetaData:
 def head() -> str:
     heads = ScriptDirectory(str(MIGRATIONS)).get_heads()
     assert len(heads) == 1, f"the migrations have branched: heads {heads}"
+    assert heads[0] == SCHEMA_REVISION, "store.SCHEMA_REVISION must name the newest revision"
     return heads[0]
 
 
@@ -206,6 +207,16 @@ def test_a_release_runs_on_a_schema_a_newer_release_migrated(empty_url, caplog):
         assert store.card(kept.card["uuid"]) is not None
     finally:
         store.engine.dispose()
+
+
+def test_a_process_that_finds_the_schema_current_does_not_load_alembic(tmp_path):
+    url = f"sqlite:///{tmp_path}/store.sqlite3"
+    Store(url).migrate()
+    code = ("import sys; from lbp_cds.store import Store; print(Store(sys.argv[1]).migrate(), "
+            "'alembic' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    assert out == [head(), "False"]
 
 
 STARTER = r"""

@@ -4,8 +4,9 @@ SQLite file by default; any SQLAlchemy URL (PostgreSQL for several replicas). Th
 created or migrated on start (``Store.migrate``, Alembic revisions in ``lbp_cds/migrations``);
 revisions are additive so that older replicas keep working while a newer one starts. Nothing
 here identifies a patient: cards are kept by uuid, rule, indicator, service and hookInstance;
-feedback by card uuid, outcome, suggestion uuids and the coded override reason. A clinician's free-text override comment may name the patient, so it is not stored (only
-whether there was one).
+feedback by card uuid, outcome, suggestion uuids and the coded override reason. A clinician's
+free-text override comment may name the patient, so it is not stored (only whether there was
+one).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from lbp_cds.cards import IssuedCard
@@ -48,6 +49,9 @@ from lbp_cds.hooks import Feedback
 log = logging.getLogger(__name__)
 metadata = MetaData()
 MIGRATIONS = Path(__file__).with_name("migrations")
+# The newest revision in migrations/versions (tests/test_migrations.py checks they agree). A
+# process that finds the database at it needs no Alembic: 0.2 s and 10 MB per gunicorn worker.
+SCHEMA_REVISION = "0002"
 
 issued_cards = Table(
     "issued_cards", metadata,
@@ -121,6 +125,8 @@ class Store:
         Returns:
             The revision the database is at now.
         """
+        if self._revision() == SCHEMA_REVISION:
+            return SCHEMA_REVISION
         from alembic import command
         from alembic.config import Config
         from alembic.runtime.migration import MigrationContext
@@ -154,6 +160,14 @@ class Store:
             command.upgrade(config, "head")
             conn.commit()
             return str(MigrationContext.configure(conn).get_current_revision())
+
+    def _revision(self) -> str | None:
+        """The database's schema revision, read without Alembic; None if it has none yet."""
+        try:
+            with self.engine.connect() as conn:
+                return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except DBAPIError:
+            return None  # no version table yet (or no database: Alembic will say which)
 
     @contextlib.contextmanager
     def _migration_lock(self) -> Iterator[None]:
