@@ -10,7 +10,7 @@ Sections (all by default; choose with --only):
             python-requests), requests/s with
             4 concurrent clients, the ratio to orjson parse+dump of the same request.
   scaling   cost at 100, 1,000 and 10,000 resources (in-process), with the per-resource slope.
-  rss       resident memory per gunicorn worker after the http section.
+  rss       resident memory per gunicorn worker after the http section (RSS and PSS).
   fetch     the FHIR-fetch path against a real FHIR server (sekmet-fhir): overhead of the service
             over the slowest single query it makes.
 
@@ -105,6 +105,19 @@ class Server:
         out = subprocess.run(["ps", "-o", "pid=,rss=", "--ppid", str(self.proc.pid)],
                              capture_output=True, text=True).stdout
         return [round(int(line.split()[1]) / 1024, 1) for line in out.splitlines() if line]
+
+    def worker_pss_mb(self) -> list[float]:
+        """Proportional set size of each worker (Linux): pages shared with the master and the
+        other worker, which RSS counts in full, are split between them."""
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
+                             capture_output=True, text=True).stdout
+        pss = []
+        for pid in out.split():
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            kb = next(int(line.split()[1]) for line in rollup.splitlines()
+                      if line.startswith("Pss:"))
+            pss.append(round(kb / 1024, 1))
+        return pss
 
     def worker_cpu_seconds(self) -> list[float]:
         """User + system CPU time of each worker so far (Linux /proc)."""
@@ -380,10 +393,11 @@ def bench_http(n: int, clients: int, duration: float) -> None:
                   f"({result.get('cpu_ms_per_call', '?')} ms of worker CPU per call, shares "
                   f"{result.get('cpu_share_per_worker', '?')})")
         rss = server.worker_rss_mb()
+        pss = server.worker_pss_mb()
     finally:
         server.stop()
-    RESULTS["rss"] = {"worker_rss_mb": rss}
-    print(f"worker RSS after the http runs: {rss} MB")
+    RESULTS["rss"] = {"worker_rss_mb": rss, "worker_pss_mb": pss}
+    print(f"worker RSS after the http runs: {rss} MB (PSS, shared pages split: {pss} MB)")
 
 
 def bench_scaling(n: int) -> None:
