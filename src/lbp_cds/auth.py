@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 import jwt
 import requests
 import yaml
+from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from lbp_cds.errors import AuthenticationError, ConfigError
@@ -450,7 +451,7 @@ def _parse_jwk(jwk: object) -> tuple[str, _Key]:
         key = algorithm_class.from_jwk(dict(jwk))
     except (jwt.PyJWTError, ValueError, TypeError, AttributeError, binascii.Error):
         raise ValueError(f"kid {kid!r}: not a valid {kty} public key") from None
-    if kty == "RSA" and key.key_size < _MIN_RSA_BITS:
+    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey) and key.key_size < _MIN_RSA_BITS:
         raise ValueError(f"kid {kid!r}: RSA key shorter than {_MIN_RSA_BITS} bits")
     return kid, _Key(key=key, algorithms=allowed)
 

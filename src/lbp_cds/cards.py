@@ -75,8 +75,8 @@ def _card(m: RuleMatch, k: Knowledge, cc: CardContext) -> IssuedCard:
         "detail": _detail(m, spec, k, cc),
         "source": source,
     }
-    suggestions = [_suggestion(s, m, k, cc) for s in spec.get("suggestions") or []]
-    suggestions = [s for s in suggestions if s]
+    drafted = [_suggestion(s, m, k, cc) for s in spec.get("suggestions") or []]
+    suggestions = [s for s in drafted if s]
     if suggestions:
         card["suggestions"] = suggestions
         card["selectionBehavior"] = spec["selectionBehavior"]

@@ -251,7 +251,8 @@ def finding(ctx: Context, a: dict[str, Any]) -> Result:
     """An Observation recording the finding (as its code or its coded value), not negated."""
     vs: ValueSet = a["valueset"]
     negative: ValueSet = ctx.knowledge.valueset("observation-negative")
-    found, denied = [], []
+    found: list[Evidence] = []
+    denied: list[Evidence] = []
     for ob in _observations(ctx, vs, a.get("within_days")):
         coding = match(ob.code, vs) or match(ob.valueCodeableConcept, vs)
         when = day(observation_time(ob))
@@ -466,7 +467,8 @@ def lab_positive(ctx: Context, a: dict[str, Any]) -> Result:
     vs: ValueSet = a["valueset"]
     positive: ValueSet = ctx.knowledge.valueset("observation-positive")
     negative: ValueSet = ctx.knowledge.valueset("observation-negative")
-    pos, neg = [], []
+    pos: list[Evidence] = []
+    neg: list[Evidence] = []
     for ob in _observations(ctx, vs, a.get("within_days")):
         coding = match(ob.code, vs)
         flags = _flags(ob)
@@ -657,13 +659,14 @@ def prior_imaging(ctx: Context, a: dict[str, Any]) -> Result:
     start = since(ctx, a.get("within_days"))
     skip = _judged_ids(ctx)
     found, missing = [], []
-    for rtype, concept_of, when_of in (
+    studies: tuple[tuple[str, Callable[[Any], Any], Callable[[Any], Any]], ...] = (
         ("ImagingStudy", lambda r: r.procedureCode, lambda r: r.started),
         ("DiagnosticReport", lambda r: r.code,
          lambda r: r.effectiveDateTime or (r.effectivePeriod.start if r.effectivePeriod else None)
          or r.issued),
         ("ServiceRequest", lambda r: r.code, lambda r: r.occurrenceDateTime or r.authoredOn),
-    ):
+    )
+    for rtype, concept_of, when_of in studies:
         if not ctx.record.available(rtype):
             missing.append(rtype)
         for r in ctx.record.coded(rtype, vs, since=start):
@@ -780,8 +783,8 @@ def _same_answer(value: Any, wanted: Any) -> bool:
 def answer_date_within(ctx: Context, a: dict[str, Any]) -> Result:
     """The item's date answer lies within the last ``days``."""
     values, qr = latest_answers(ctx, a["item"])
-    dates = [as_datetime(v) for v in values if isinstance(v, date | str)]
-    dates = [d for d in dates if d is not None]
+    parsed = [as_datetime(v) for v in values if isinstance(v, date | str)]
+    dates = [d for d in parsed if d is not None]
     if qr is None or not dates:
         return _unanswered(ctx, a["label"], a["item"])
     newest = max(dates)

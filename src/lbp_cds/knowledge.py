@@ -105,7 +105,7 @@ class ValueSet:
         if norm in self.exact.get(system, ()):
             return True
         prefixes = self.prefixes.get(system)
-        return bool(prefixes) and norm.startswith(prefixes)
+        return prefixes is not None and norm.startswith(prefixes)
 
     def names_ingredient(self, text: str | None) -> bool:
         """Tell whether a drug's name (an RxNorm display or free text) names an ingredient of

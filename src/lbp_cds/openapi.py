@@ -195,8 +195,8 @@ def openapi_document(knowledge: Knowledge) -> dict[str, Any]:
         else _ref("CdsServiceRequest")
     request_examples = {s.id: {"summary": f"{s.hook} call of {s.id}",
                                "value": example_request(s)} for s in knowledge.services}
-    bearer = [{"cdsClientJwt": []}]
-    open_ = {"security": []}
+    bearer: list[dict[str, list[str]]] = [{"cdsClientJwt": []}]
+    open_: dict[str, list[dict[str, list[str]]]] = {"security": []}
     hooks = ", ".join(f"`{s.id}` ({s.hook})" for s in knowledge.services)
     document: dict[str, Any] = {
         "openapi": "3.1.0",

@@ -282,7 +282,7 @@ def split_hook_body(body: bytes) -> dict[str, Any] | None:
         for name in _ENVELOPE_FIELDS:
             raw = getattr(top, name)
             if len(raw):
-                doc[name] = orjson.loads(memoryview(raw))  # type: ignore[arg-type]
+                doc[name] = orjson.loads(memoryview(raw))
         if top.prefetch is not msgspec.UNSET:
             doc["prefetch"] = None if top.prefetch is None else {
                 key: _split_value(key, value) for key, value in top.prefetch.items()}
@@ -302,7 +302,7 @@ def _split_value(key: str, raw: msgspec.Raw) -> Any:
     except msgspec.ValidationError:
         bundle = None  # not an object, an entry without a resource...: parsed as it is
     if bundle is None or bundle.resourceType != "Bundle" or not bundle.entry:
-        return orjson.loads(memoryview(raw))  # type: ignore[arg-type]
+        return orjson.loads(memoryview(raw))
     raws = _RAWS.decode(raw).entry or []
     entries: list[LazyResource] = []
     for index, (entry, text) in enumerate(zip(bundle.entry, raws, strict=True)):

@@ -21,7 +21,7 @@ def _child_exit(server: Any, worker: Any) -> None:
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
-class GunicornApp(BaseApplication):  # type: ignore[misc]
+class GunicornApp(BaseApplication):
     """gunicorn running ``create_app(settings)`` in each worker.
 
     Args:
@@ -53,8 +53,8 @@ class GunicornApp(BaseApplication):  # type: ignore[misc]
         for key, value in options.items():
             self.cfg.set(key, value)
 
-    def load(self) -> Flask:
-        from lbp_cds import create_app
+    def load(self) -> Flask:  # type: ignore[override]  # a Flask app is the WSGI callable
+        from lbp_cds.app import create_app
 
         configure_logging(self.settings.log_level)
         app = create_app(self.settings)
@@ -107,8 +107,9 @@ def tune_malloc() -> bool:
         return False  # not glibc (musl, macOS): its allocator has its own policy
     if mallopt is None:
         return False
-    ok = mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1
-    return mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) == 1 and ok
+    ok: bool = mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1
+    trimmed: bool = mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) == 1
+    return trimmed and ok
 
 
 def run(settings: Settings) -> int:

@@ -253,7 +253,7 @@ class Store:
     def feedback_report(self) -> list[dict[str, Any]]:
         """Acceptance and override rates per rule, with override reasons."""
         with self.engine.connect() as conn:
-            issued = dict(conn.execute(
+            issued: dict[str, int] = dict(conn.execute(
                 select(issued_cards.c.rule_id, func.count()).group_by(issued_cards.c.rule_id)
             ).all())
             rows = conn.execute(
