@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -23,6 +24,38 @@ SHARED = ROOT.parent / "shared"
 NOW = datetime(2026, 3, 2, 10, 0, tzinfo=timezone.utc)
 # The sandbox suite talks to a FHIR server on the internet: collected only when one is named.
 collect_ignore = [] if os.environ.get("LBP_CDS_SANDBOX_FHIR_URL") else ["test_sandbox.py"]
+
+
+def postgres_url() -> str:
+    """The PostgreSQL database the store tests use (``LBP_CDS_TEST_POSTGRES_URL``; ``make test``
+    and ``.ci/run`` set it). Its absence fails the test: it is never a reason to skip."""
+    url = os.environ.get("LBP_CDS_TEST_POSTGRES_URL", "")
+    if not url:
+        if os.environ.get("CI"):
+            raise AssertionError("CI must set LBP_CDS_TEST_POSTGRES_URL")
+        pytest.fail("set LBP_CDS_TEST_POSTGRES_URL (make test sets it) to run the tests against "
+                    "PostgreSQL")
+    return url
+
+
+@contextlib.contextmanager
+def postgres_schema(name: str) -> Iterator[str]:
+    """A URL of the test database whose ``search_path`` is the schema ``name``, created empty
+    and dropped afterwards: a suite there cannot meet the tables of another."""
+    from sqlalchemy import create_engine, make_url, text
+
+    base = make_url(postgres_url())
+    admin = create_engine(base)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
+            conn.execute(text(f"CREATE SCHEMA {name}"))
+        url = base.update_query_dict({"options": f"-csearch_path={name}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
+        admin.dispose()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

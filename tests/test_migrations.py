@@ -6,7 +6,6 @@ can start from nothing without touching the tables other tests use.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -33,13 +32,13 @@ from sqlalchemy import (
     Text,
     create_engine,
     inspect,
-    make_url,
     text,
 )
 
 from lbp_cds.cards import IssuedCard
 from lbp_cds.hooks import Feedback
 from lbp_cds.store import MIGRATIONS, SCHEMA_REVISION, Store, metadata
+from tests.conftest import postgres_schema
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=timezone.utc)
 SCHEMA = "lbp_cds_migrations"
@@ -95,37 +94,13 @@ def alembic_config(conn) -> Config:
     return config
 
 
-def postgres_base() -> str:
-    url = os.environ.get("LBP_CDS_TEST_POSTGRES_URL", "")
-    if not url:
-        if os.environ.get("CI"):
-            raise AssertionError("CI must set LBP_CDS_TEST_POSTGRES_URL")
-        pytest.fail("set LBP_CDS_TEST_POSTGRES_URL (make test sets it)")
-    return url
-
-
-def empty_postgres_schema() -> str:
-    """A URL whose ``search_path`` is a schema just emptied."""
-    base = make_url(postgres_base())
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-        conn.execute(text(f"CREATE SCHEMA {SCHEMA}"))
-    admin.dispose()
-    return base.update_query_dict({"options": f"-csearch_path={SCHEMA}"}).render_as_string(
-        hide_password=False)
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def empty_url(request, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/store.sqlite3"
         return
-    yield empty_postgres_schema()
-    admin = create_engine(postgres_base())
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-    admin.dispose()
+    with postgres_schema(SCHEMA) as url:
+        yield url
 
 
 def card(rule: str = "LV-1") -> IssuedCard:

@@ -13,7 +13,6 @@ the same database (``tests/test_store.py`` drops the public tables) cannot inter
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -22,8 +21,8 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
+from tests.conftest import postgres_schema
 from tests.service_server import (
     CdsClientKeys,
     ServerFactory,
@@ -38,29 +37,11 @@ CARDS_PER_SERVER = 8
 REPEATS = 3
 
 
-def postgres_url() -> str:
-    url = os.environ.get("LBP_CDS_TEST_POSTGRES_URL", "")
-    if not url:
-        if os.environ.get("CI"):
-            raise AssertionError("CI must set LBP_CDS_TEST_POSTGRES_URL")
-        pytest.fail("set LBP_CDS_TEST_POSTGRES_URL (make test sets it) to run the multi-process "
-                    "tests against PostgreSQL")
-    return url
-
-
 @pytest.fixture(scope="module")
 def database_url() -> Iterator[str]:
     """The test database, with ``search_path`` set to a fresh schema (tables dropped)."""
-    base = make_url(postgres_url())
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-        conn.execute(text(f"CREATE SCHEMA {SCHEMA}"))
-    url = base.update_query_dict({"options": f"-csearch_path={SCHEMA}"})
-    yield url.render_as_string(hide_password=False)
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-    admin.dispose()
+    with postgres_schema(SCHEMA) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

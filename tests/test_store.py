@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -15,18 +14,9 @@ from sqlalchemy import text
 from lbp_cds.cards import IssuedCard
 from lbp_cds.hooks import Feedback
 from lbp_cds.store import Store
+from tests.conftest import postgres_url
 
-POSTGRES = os.environ.get("LBP_CDS_TEST_POSTGRES_URL", "")
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=timezone.utc)
-
-
-def postgres_url() -> str:
-    if not POSTGRES:
-        if os.environ.get("CI"):
-            raise AssertionError("CI must set LBP_CDS_TEST_POSTGRES_URL")
-        pytest.fail("set LBP_CDS_TEST_POSTGRES_URL (make test sets it) to run the store tests "
-                    "against PostgreSQL")
-    return POSTGRES
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
