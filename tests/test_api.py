@@ -6,9 +6,11 @@ import json
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from lbp_cds.hooks import response_issues
 from tests.builders import bundle, condition, hook_request, imaging_order, observation, patient
+from tests.conftest import MINI
 
 req = pytest.mark.req
 
@@ -62,6 +64,28 @@ def test_hook_call_returns_valid_cards_and_records_them(client, app):
     store = app.extensions["lbp_cds"].store
     stored = store.card(card["uuid"])
     assert stored is not None and stored.rule_id == "FEV" and stored.indicator == "warning"
+
+
+def test_cards_are_traced_to_the_knowledge_pack_that_issued_them(client, app):
+    """The card, its audit row, /readyz, /metrics and the feedback report name one digest."""
+    from lbp_cds.knowledge import pack_digest
+
+    digest = app.extensions["lbp_cds"].knowledge.digest
+    assert digest == pack_digest(MINI) and len(digest) == 64
+    body = hook_request(prefetch=full_prefetch(condition("M54.41"),
+                                               observation("8310-5", 38.6)))
+    card = post(client, "mini-triage", body).json["cards"][0]
+    assert card["extension"]["org.lbp-cds.rule"]["knowledgeDigest"] == digest[:12]
+    store = app.extensions["lbp_cds"].store
+    with store.engine.connect() as conn:
+        kept = conn.execute(text("SELECT knowledge_digest FROM issued_cards WHERE card_uuid = "
+                                 ":u"), {"u": card["uuid"]}).scalar_one()
+    assert kept == digest
+    assert client.get("/readyz").json["knowledgeDigest"] == digest
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert f'lbp_cds_knowledge_info{{digest="{digest[:12]}"}} 1.0' in metrics
+    assert [e["rule"] for e in store.feedback_report(knowledge=digest[:12])] == ["FEV"]
+    assert store.feedback_report(knowledge="0" * 12 if digest[0] != "0" else "f" * 12) == []
 
 
 def test_no_guidance_is_an_empty_card_list(client):

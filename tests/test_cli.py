@@ -107,6 +107,12 @@ def test_feedback_report_reads_the_store(tmp_path, monkeypatch, capsys, make_app
     assert main(["feedback-report"]) == 0
     out = capsys.readouterr().out
     assert "LV" in out and "100.0%" in out and "Red flag present" in out
+    digest = card["extension"]["org.lbp-cds.rule"]["knowledgeDigest"]
+    assert main(["feedback-report", "--json", "--knowledge", digest]) == 0
+    assert [e["rule"] for e in json.loads(capsys.readouterr().out)] == ["LV"]
+    other = "0" * 12 if not digest.startswith("0") else "1" * 12
+    assert main(["feedback-report", "--json", "--knowledge", other]) == 0
+    assert json.loads(capsys.readouterr().out) == []
 
 
 def test_migrate_and_purge(tmp_path, monkeypatch, capsys):
@@ -114,12 +120,12 @@ def test_migrate_and_purge(tmp_path, monkeypatch, capsys):
 
     from lbp_cds.cards import IssuedCard
     from lbp_cds.hooks import Feedback
-    from lbp_cds.store import Store
+    from lbp_cds.store import SCHEMA_REVISION, Store
 
     db = f"sqlite:///{tmp_path}/store.sqlite3"
     monkeypatch.setenv("LBP_CDS_DATABASE_URL", db)
     assert main(["migrate"]) == 0
-    assert capsys.readouterr().out.startswith("store at schema revision 0002")
+    assert capsys.readouterr().out == f"store at schema revision {SCHEMA_REVISION}\n"
     store = Store(db)
     now = datetime.now(timezone.utc)
     for age_days, uuid in ((400, "old"), (10, "recent")):
@@ -145,6 +151,10 @@ def test_migrate_and_purge(tmp_path, monkeypatch, capsys):
         main(["purge", "--older-than-days", "0"])
     assert exit_.value.code == 2
     assert "at least 1 day" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["feedback-report", "--knowledge", "not-hex%"])
+    assert exit_.value.code == 2
+    assert "hex digits" in capsys.readouterr().err
 
 
 def test_serve_refuses_to_start_without_clients(tmp_path):
@@ -162,6 +172,9 @@ def test_format_cards_without_cards():
 
 @pytest.mark.slow
 def test_the_wheel_installs_and_finds_its_knowledge_without_the_checkout(tmp_path):
+    from lbp_cds.knowledge import pack_digest
+    from lbp_cds.store import SCHEMA_REVISION
+
     """pip install of the built wheel, run from elsewhere: the bundled knowledge is found."""
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
@@ -187,13 +200,15 @@ def test_the_wheel_installs_and_finds_its_knowledge_without_the_checkout(tmp_pat
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert str(env_dir) in proc.stdout  # the pack inside site-packages, not the checkout
+    # ... and it is, byte for byte, the reviewed pack of the checkout.
+    assert f"sha256 {pack_digest(ROOT / 'cds_services')})" in proc.stdout
     # The schema migrations travel in the wheel too.
     migrated = subprocess.run(
         [str(env_dir / "bin" / "lbp-cds"), "migrate"], cwd=tmp_path, capture_output=True,
         env=dict(env, LBP_CDS_DATABASE_URL=f"sqlite:///{tmp_path}/wheel.sqlite3"), text=True,
         timeout=120)
     assert migrated.returncode == 0, migrated.stdout + migrated.stderr
-    assert "schema revision 0002" in migrated.stdout
+    assert f"schema revision {SCHEMA_REVISION}" in migrated.stdout
     fixtures = subprocess.run(
         [str(py), "-c", "from lbp_cds.fixtures import load_scenarios; "
          "print(len(load_scenarios()))"], cwd=tmp_path, env=env, capture_output=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,28 @@ def test_prefetch_templates_stay_in_the_spec_subset(pack):
         assert service.prefetch, service.id
         for key, template in service.prefetch.items():
             assert allowed.match(template), (service.id, key, template)
+
+
+def test_the_pack_digest_changes_with_any_file_and_only_with_the_files(tmp_path):
+    """Same files, same digest wherever they lie; a comment, a new file or site parameters make a
+    new one; Python caches and hidden files do not count."""
+    pack = tmp_path / "pack"
+    shutil.copytree(knowledge.default_root(), pack, ignore=shutil.ignore_patterns(
+        "__pycache__", ".*"))
+    base = knowledge.pack_digest(pack)
+    assert base == knowledge.pack_digest(knowledge.default_root())
+    (pack / "tools" / "__pycache__").mkdir(exist_ok=True)
+    (pack / "tools" / "__pycache__" / "x.pyc").write_bytes(b"cache")
+    (pack / ".DS_Store").write_bytes(b"finder")
+    assert knowledge.pack_digest(pack) == base
+    rules = next(pack.glob("*/rules.yaml"))
+    rules.write_text(rules.read_text() + "# reviewed\n")
+    commented = knowledge.pack_digest(pack)
+    assert commented != base
+    site = tmp_path / "site.yaml"
+    site.write_text("parameters: {}\n")
+    assert knowledge.pack_digest(pack, site) not in (base, commented)
+    # A file moved to another name is another pack, though no byte changed.
+    rules.rename(rules.with_name("rules-old.yaml"))
+    assert knowledge.pack_digest(pack) not in (base, commented)
+    assert knowledge.load(knowledge.default_root()).digest == base

@@ -73,6 +73,12 @@ def release_010_metadata() -> MetaData:
     return old
 
 
+def _jti_hash(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def head() -> str:
     heads = ScriptDirectory(str(MIGRATIONS)).get_heads()
     assert len(heads) == 1, f"the migrations have branched: heads {heads}"
@@ -119,18 +125,26 @@ def test_a_new_database_gets_the_newest_schema(empty_url):
 
 
 def test_a_database_of_release_010_is_adopted_and_migrated_keeping_its_rows(empty_url):
+    old = release_010_metadata()
     old_engine = create_engine(empty_url)
-    release_010_metadata().create_all(old_engine)
+    old.create_all(old_engine)
+    kept = card()
+    with old_engine.begin() as conn:  # rows as release 0.1.0 wrote them
+        conn.execute(old.tables["issued_cards"].insert(), [{
+            "card_uuid": kept.card["uuid"], "service_id": "svc", "rule_id": "LV-1",
+            "indicator": "warning", "hook_instance": "hook-1", "suggestion_uuids": "",
+            "issued_at": T0}])
+        conn.execute(old.tables["feedback"].insert(), [{
+            "dedupe_key": "k1", "card_uuid": kept.card["uuid"], "outcome": "accepted",
+            "accepted_suggestions": "", "has_comment": False, "outcome_at": T0,
+            "received_at": T0}])
+        conn.execute(old.tables["jwt_replay"].insert(), [{"key_hash": _jti_hash("iss|jti-1"),
+                                                         "expires_at": 4e9}])
     old_engine.dispose()
-    # Rows written the way release 0.1.0 wrote them.
     store = Store(empty_url)
     try:
         assert "alembic_version" not in inspect(store.engine).get_table_names()
-        assert differences(store) != []  # the retention indexes are missing
-        kept = card()
-        store.record_issued("svc", "hook-1", [kept], T0)
-        store.record_feedback([Feedback(kept.card["uuid"], "accepted", (), None, None, T0)])
-        assert store.claim("iss|jti-1", 4e9) is True
+        assert differences(store) != []  # the retention indexes and knowledge_digest are missing
 
         assert store.migrate() == head()
 
@@ -141,6 +155,9 @@ def test_a_database_of_release_010_is_adopted_and_migrated_keeping_its_rows(empt
         assert store.claim("iss|jti-1", 4e9) is False  # the replay cache survived too
         indexes = {i["name"] for i in inspect(store.engine).get_indexes("issued_cards")}
         assert {"ix_issued_cards_rule_id", "ix_issued_cards_issued_at"} <= indexes
+        (entry,) = store.feedback_report()
+        assert (entry["issued"], entry["accepted"]) == (1, 1)
+        assert store.feedback_report(knowledge="32ef") == []  # issued before digests were kept
     finally:
         store.engine.dispose()
 

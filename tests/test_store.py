@@ -137,3 +137,20 @@ def test_purge_deletes_only_what_is_older_than_the_cut_off(store):
     assert store.card(recent.card["uuid"]) is not None
     (entry,) = store.feedback_report()
     assert (entry["issued"], entry["accepted"]) == (1, 1)
+
+
+def test_the_feedback_report_reads_one_knowledge_version(store):
+    before, after = "a" * 64, "b" * 64
+    old_card, new_card, untraced = issued("LV-1"), issued("LV-1"), issued("LV-2")
+    store.record_issued("svc", "h", [old_card], T0, knowledge_digest=before)
+    store.record_issued("svc", "h", [new_card], T0, knowledge_digest=after)
+    store.record_issued("svc", "h", [untraced], T0)
+    for c, outcome in ((old_card, "overridden"), (new_card, "accepted")):
+        store.record_feedback([Feedback(c.card["uuid"], outcome, (), None, None, T0)])
+    (entry,) = store.feedback_report(knowledge="aaaa")
+    assert (entry["rule"], entry["issued"], entry["overridden"], entry["accepted"]) == (
+        "LV-1", 1, 1, 0)
+    (entry,) = store.feedback_report(knowledge=after)
+    assert (entry["issued"], entry["accepted"]) == (1, 1)
+    assert {e["rule"]: e["issued"] for e in store.feedback_report()} == {"LV-1": 2, "LV-2": 1}
+    assert store.feedback_report(knowledge="a%") == []  # LIKE wildcards are not wildcards

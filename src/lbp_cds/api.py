@@ -208,7 +208,8 @@ def call_service(service_id: str) -> Response:
     _observe_fetch(record)
     issued = evaluate(rt, service, req, record, rt.clock())
     try:
-        rt.store.record_issued(service.id, req.hook_instance, issued)
+        rt.store.record_issued(service.id, req.hook_instance, issued,
+                               knowledge_digest=rt.knowledge.digest)
     except SQLAlchemyError as exc:
         # The clinician's cards matter more than their audit row: answer, and say so loudly.
         observability.STORE_FAILURES.labels("record_issued").inc()
@@ -319,8 +320,8 @@ def readyz() -> Response:
     rt = runtime()
     checks = {"knowledge": bool(rt.knowledge.services), "store": rt.store.ping()}
     ok = all(checks.values())
-    return json_response({"status": "ready" if ok else "not ready", "checks": checks},
-                         200 if ok else 503)
+    return json_response({"status": "ready" if ok else "not ready", "checks": checks,
+                          "knowledgeDigest": rt.knowledge.digest}, 200 if ok else 503)
 
 
 @bp.get("/metrics")

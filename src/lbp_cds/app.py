@@ -11,8 +11,9 @@ import requests
 from flask import Flask
 from flask_cors import CORS
 
-from lbp_cds import api, knowledge
+from lbp_cds import api, knowledge, observability
 from lbp_cds.auth import JwtVerifier, load_clients
+from lbp_cds.cards import KNOWLEDGE_DIGEST_SHOWN
 from lbp_cds.config import Settings
 from lbp_cds.errors import ConfigError
 from lbp_cds.fhir_data import FetchPolicy, FhirFetcher
@@ -47,6 +48,9 @@ def create_app(
                           Path(settings.parameters_file) if settings.parameters_file else None)
     engine = RuleEngine(pack)
     _ = pack.code_universe  # built once, here, not on the first hook call
+    observability.KNOWLEDGE.labels(pack.digest[:KNOWLEDGE_DIGEST_SHOWN]).set(1)
+    log.info("knowledge loaded", extra={"knowledge_digest": pack.digest, "root": str(pack.root),
+                                        "rules": len(pack.rules), "services": len(pack.services)})
     store = Store(settings.database_url)
     store.migrate()
     http = session or requests.Session()

@@ -18,6 +18,9 @@ from lbp_cds.knowledge import Knowledge, Orderable
 from lbp_cds.rules import RuleMatch
 
 RULE_EXTENSION = "org.lbp-cds.rule"
+# Hex digits of the knowledge digest a card shows (as a short git commit id: enough to tell the
+# pack versions a site has run apart; the store keeps all 64).
+KNOWLEDGE_DIGEST_SHOWN = 12
 REQUESTER_TYPES = ("Practitioner/", "PractitionerRole/")
 
 
@@ -86,7 +89,8 @@ def _card(m: RuleMatch, k: Knowledge, cc: CardContext) -> IssuedCard:
     links = _links(m, spec, k, cc)
     if links:
         card["links"] = links
-    card["extension"] = {RULE_EXTENSION: {"ruleId": m.rule.id}}
+    card["extension"] = {RULE_EXTENSION: {"ruleId": m.rule.id,
+                                          "knowledgeDigest": k.digest[:KNOWLEDGE_DIGEST_SHOWN]}}
     return IssuedCard(card, m.rule.id, m.indicator,
                       tuple(s["uuid"] for s in suggestions))
 

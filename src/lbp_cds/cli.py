@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("feedback-report", help="acceptance and override rates per rule")
     f.add_argument("--json", action="store_true")
+    f.add_argument("--knowledge", type=_hex_prefix, metavar="DIGEST",
+                   help="only cards issued by the knowledge pack whose SHA-256 starts so (as "
+                        "check-knowledge, /readyz and each card's extension show it)")
     f.set_defaults(func=cmd_feedback_report)
 
     m = sub.add_parser("migrate", help="create the store's schema or migrate it to the newest "
@@ -295,7 +299,8 @@ def cmd_check_knowledge(args: argparse.Namespace) -> int:
     pack = knowledge.load(args.knowledge_dir)
     RuleEngine(pack)
     problems = lint(pack)
-    print(f"knowledge at {pack.root}: {len(pack.services)} services, {len(pack.rules)} rules, "
+    print(f"knowledge at {pack.root} (sha256 {pack.digest}): {len(pack.services)} services, "
+          f"{len(pack.rules)} rules, "
           f"{len(pack.cards)} cards, "
           f"{sum(1 for v in pack.valuesets if not v.endswith('+products'))} value sets, "
           f"{len(pack.parameters)} parameters, {len(pack.orderables)} orderables")
@@ -311,7 +316,7 @@ def cmd_feedback_report(args: argparse.Namespace) -> int:
 
     store = Store(Settings.from_env().database_url)
     store.migrate()
-    report = store.feedback_report()
+    report = store.feedback_report(knowledge=args.knowledge)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -322,6 +327,12 @@ def cmd_feedback_report(args: argparse.Namespace) -> int:
         print(f"{e['rule']:<14}{e['issued']:>8}{e['accepted']:>10}{e['overridden']:>12}"
               f"{e['acceptance_rate'] * 100:>8.1f}%{e['override_rate'] * 100:>10.1f}%  {reasons}")
     return 0
+
+
+def _hex_prefix(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{4,64}", value):
+        raise argparse.ArgumentTypeError(f"not 4 to 64 lowercase hex digits: {value!r}")
+    return value
 
 
 def _positive_days(value: str) -> int:

@@ -7,6 +7,7 @@ inconsistent pack. Condition trees are compiled (and their facts checked) by ``r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -197,6 +198,8 @@ class Knowledge:
     cards: dict[str, dict[str, Any]]
     categories: dict[str, dict[str, str]] = field(default_factory=dict)
     valueset_use: set[str] = field(default_factory=set)
+    # SHA-256 of the pack as loaded (``pack_digest``): which reviewed knowledge gave a card.
+    digest: str = ""
     _universe: CodeUniverse | None = field(default=None, repr=False)
 
     @property
@@ -339,9 +342,34 @@ def load(root: Path | None = None, parameters_file: Path | None = None) -> Knowl
         override_system=override_system, override_reasons=override_reasons,
         valuesets=valuesets, ingredient_map=ingredient_map, questionnaire=questionnaire,
         services=services, rules=rules, cards=cards, categories=categories,
+        digest=pack_digest(root, parameters_file),
     )
     _cross_check(knowledge)
     return knowledge
+
+
+def pack_digest(root: Path, parameters_file: Path | None = None) -> str:
+    """SHA-256 over the pack: every file of its folder (relative path and bytes, in path order;
+    hidden files and Python caches left out), then the site parameters file, if any.
+
+    Any change to the pack, a comment included, gives a new digest; the same files give the same
+    digest wherever they lie (a checkout, the wheel, the image).
+    """
+    digest = hashlib.sha256()
+    files = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if path.is_file() and not any(p.startswith(".") or p == "__pycache__" for p in rel.parts):
+            files.append((rel.as_posix(), path))
+    for rel_name, path in sorted(files):
+        data = path.read_bytes()
+        digest.update(f"{rel_name}\0{len(data)}\0".encode())
+        digest.update(data)
+    if parameters_file is not None:
+        data = parameters_file.read_bytes()
+        digest.update(f"site parameters\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def _yaml(path: Path) -> dict[str, Any]:

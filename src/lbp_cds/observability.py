@@ -21,6 +21,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -49,6 +50,8 @@ PARSE_FAILURES = Counter("lbp_cds_unparsable_resources_total", "FHIR resources s
 STORE_FAILURES = Counter("lbp_cds_store_failures_total", "Store writes that failed",
                          ["operation"])
 FEEDBACK = Counter("lbp_cds_feedback_total", "Feedback entries received", ["outcome"])
+KNOWLEDGE = Gauge("lbp_cds_knowledge_info", "1 for the knowledge pack this replica serves, by the "
+                  "first 12 hex digits of its SHA-256", ["digest"], multiprocess_mode="livemax")
 
 
 def metrics_payload() -> tuple[bytes, str]:

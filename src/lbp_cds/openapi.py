@@ -88,10 +88,14 @@ _EXTRA_SCHEMAS: dict[str, Any] = {
     },
     "Readiness": {
         "type": "object",
-        "required": ["status", "checks"],
+        "required": ["status", "checks", "knowledgeDigest"],
         "properties": {
             "status": {"enum": ["ready", "not ready"]},
             "checks": {"type": "object", "additionalProperties": {"type": "boolean"}},
+            "knowledgeDigest": {
+                "type": "string", "pattern": "^[0-9a-f]{64}$",
+                "description": "SHA-256 of the knowledge pack this replica serves (cards carry "
+                               "its first 12 digits in extension `org.lbp-cds.rule`)."},
         },
     },
     "Questionnaire": {

@@ -38,6 +38,7 @@ from sqlalchemy import (
     insert,
     select,
     text,
+    true,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -51,7 +52,7 @@ metadata = MetaData()
 MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest revision in migrations/versions (tests/test_migrations.py checks they agree). A
 # process that finds the database at it needs no Alembic: 0.2 s and 10 MB per gunicorn worker.
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 
 issued_cards = Table(
     "issued_cards", metadata,
@@ -62,6 +63,8 @@ issued_cards = Table(
     Column("hook_instance", String(128), nullable=False),
     Column("suggestion_uuids", Text, nullable=False, default=""),
     Column("issued_at", DateTime(timezone=True), nullable=False, index=True),
+    # The knowledge pack's SHA-256 (Knowledge.digest); NULL for cards issued before revision 0003.
+    Column("knowledge_digest", String(64)),
 )
 
 feedback = Table(
@@ -196,13 +199,14 @@ class Store:
 
     # -- issued cards ---------------------------------------------------------------------------
     def record_issued(self, service_id: str, hook_instance: str, cards: Iterable[IssuedCard],
-                      now: datetime | None = None) -> None:
-        """Keep a row per issued card (no patient data)."""
+                      now: datetime | None = None, knowledge_digest: str | None = None) -> None:
+        """Keep a row per issued card (no patient data), with the knowledge pack's digest."""
         when = now or datetime.now(timezone.utc)
         rows = [{
             "card_uuid": c.card["uuid"], "service_id": service_id, "rule_id": c.rule_id,
             "indicator": c.indicator, "hook_instance": hook_instance,
             "suggestion_uuids": ",".join(c.suggestion_uuids), "issued_at": when,
+            "knowledge_digest": knowledge_digest,
         } for c in cards]
         if rows:
             with self.engine.begin() as conn:
@@ -250,16 +254,23 @@ class Store:
                 dup += 1
         return new, dup
 
-    def feedback_report(self) -> list[dict[str, Any]]:
-        """Acceptance and override rates per rule, with override reasons."""
+    def feedback_report(self, knowledge: str | None = None) -> list[dict[str, Any]]:
+        """Acceptance and override rates per rule, with override reasons.
+
+        Args:
+            knowledge: only cards issued by the knowledge pack whose digest starts so.
+        """
+        where = (issued_cards.c.knowledge_digest.startswith(knowledge, autoescape=True)
+                 if knowledge else true())
         with self.engine.connect() as conn:
             issued: dict[str, int] = dict(conn.execute(
-                select(issued_cards.c.rule_id, func.count()).group_by(issued_cards.c.rule_id)
+                select(issued_cards.c.rule_id, func.count()).where(where)
+                .group_by(issued_cards.c.rule_id)
             ).all())
             rows = conn.execute(
                 select(issued_cards.c.rule_id, feedback.c.outcome, feedback.c.override_code,
                        feedback.c.override_display, feedback.c.card_uuid)
-                .join(feedback, feedback.c.card_uuid == issued_cards.c.card_uuid)
+                .join(feedback, feedback.c.card_uuid == issued_cards.c.card_uuid).where(where)
             ).all()
         report: dict[str, dict[str, Any]] = {}
         for rule_id, count in issued.items():
