@@ -266,3 +266,18 @@ def test_intake_answers_are_found_in_nested_items(engine, nest):
     else:
         qr["item"] = [{**other, "answer": [{**other["answer"][0], "item": [saddle]}]}]
     assert fired(run(engine, [condition("M54.41"), qr])) == [("RF", "critical")]
+
+
+def test_merging_keeps_each_piece_of_evidence_once_in_first_seen_order():
+    from lbp_cds.facts import PRESENT, UNKNOWN, Evidence, Result
+    from lbp_cds.rules import _merge
+
+    a, b, c = (Evidence(w, "v", "2026-03-01", f"Observation/{w}") for w in "abc")
+    first = Result(PRESENT, (a, b, a), ("no temperature",), ("q1", "q1"))
+    second = Result(UNKNOWN, (c, b), ("no temperature", "no intake"), ("q2", "q1"))
+    merged = _merge([first, second], PRESENT, value=3)
+    assert merged == Result(PRESENT, (a, b, c), ("no temperature", "no intake"), ("q1", "q2"), 3)
+    assert _merge([first], UNKNOWN) == Result(UNKNOWN, (a, b), ("no temperature",), ("q1",))
+    # Equal evidence from two resources is two pieces of evidence.
+    twin = Evidence("a", "v", "2026-03-01", "Observation/other")
+    assert _merge([Result(PRESENT, (a, twin))], PRESENT).evidence == (a, twin)

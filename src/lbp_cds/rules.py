@@ -32,14 +32,19 @@ SEVERITY = {"critical": 0, "warning": 1, "info": 2}
 
 
 def _merge(results: Sequence[Result], status: str, value: Any = None) -> Result:
-    evidence: list[Evidence] = []
-    unknown: list[str] = []
-    ask: list[str] = []
-    for r in results:
-        evidence.extend(e for e in r.evidence if e not in evidence)
-        unknown.extend(u for u in r.unknown if u not in unknown)
-        ask.extend(q for q in r.ask if q not in ask)
-    return Result(status, tuple(evidence), tuple(unknown), tuple(ask), value)
+    """One result of ``status`` holding the children's evidence, unknowns and questions, each
+    once, in first-seen order (dict keys keep insertion order; Evidence is frozen, so hashable).
+    """
+    if len(results) == 1:
+        r = results[0]
+        return Result(status, _once(r.evidence), _once(r.unknown), _once(r.ask), value)
+    return Result(status, tuple(dict.fromkeys(e for r in results for e in r.evidence)),
+                  tuple(dict.fromkeys(u for r in results for u in r.unknown)),
+                  tuple(dict.fromkeys(q for r in results for q in r.ask)), value)
+
+
+def _once(items: tuple[Any, ...]) -> tuple[Any, ...]:
+    return items if len(items) < 2 else tuple(dict.fromkeys(items))
 
 
 class Node:
