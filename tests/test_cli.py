@@ -113,6 +113,10 @@ def test_feedback_report_reads_the_store(tmp_path, monkeypatch, capsys, make_app
     other = "0" * 12 if not digest.startswith("0") else "1" * 12
     assert main(["feedback-report", "--json", "--knowledge", other]) == 0
     assert json.loads(capsys.readouterr().out) == []
+    assert main(["feedback-report", "--versions"]) == 0
+    (header, row) = capsys.readouterr().out.splitlines()
+    assert header.split()[:2] == ["knowledge", "cards"]
+    assert row.split()[:2] == [digest, "1"] and "UTC" in row
 
 
 def test_migrate_and_purge(tmp_path, monkeypatch, capsys):

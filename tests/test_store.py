@@ -142,9 +142,15 @@ def test_purge_deletes_only_what_is_older_than_the_cut_off(store):
 def test_the_feedback_report_reads_one_knowledge_version(store):
     before, after = "a" * 64, "b" * 64
     old_card, new_card, untraced = issued("LV-1"), issued("LV-1"), issued("LV-2")
-    store.record_issued("svc", "h", [old_card], T0, knowledge_digest=before)
+    store.record_issued("svc", "h", [untraced], T0 - timedelta(days=9))
+    store.record_issued("svc", "h", [old_card], T0 - timedelta(days=5), knowledge_digest=before)
     store.record_issued("svc", "h", [new_card], T0, knowledge_digest=after)
-    store.record_issued("svc", "h", [untraced], T0)
+    assert store.knowledge_versions() == [
+        {"digest": None, "cards": 1, "first_issued": T0 - timedelta(days=9),
+         "last_issued": T0 - timedelta(days=9)},
+        {"digest": before, "cards": 1, "first_issued": T0 - timedelta(days=5),
+         "last_issued": T0 - timedelta(days=5)},
+        {"digest": after, "cards": 1, "first_issued": T0, "last_issued": T0}]
     for c, outcome in ((old_card, "overridden"), (new_card, "accepted")):
         store.record_feedback([Feedback(c.card["uuid"], outcome, (), None, None, T0)])
     (entry,) = store.feedback_report(knowledge="aaaa")

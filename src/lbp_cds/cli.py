@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--knowledge", type=_hex_prefix, metavar="DIGEST",
                    help="only cards issued by the knowledge pack whose SHA-256 starts so (as "
                         "check-knowledge, /readyz and each card's extension show it)")
+    f.add_argument("--versions", action="store_true",
+                   help="list the knowledge packs cards were issued by, with when, instead")
     f.set_defaults(func=cmd_feedback_report)
 
     m = sub.add_parser("migrate", help="create the store's schema or migrate it to the newest "
@@ -310,12 +312,24 @@ def cmd_check_knowledge(args: argparse.Namespace) -> int:
 
 
 def cmd_feedback_report(args: argparse.Namespace) -> int:
-    """Print acceptance and override rates per rule."""
+    """Print acceptance and override rates per rule (or the knowledge versions seen)."""
+    from lbp_cds.cards import KNOWLEDGE_DIGEST_SHOWN
     from lbp_cds.config import Settings
     from lbp_cds.store import Store
 
     store = Store(Settings.from_env().database_url)
     store.migrate()
+    if args.versions:
+        versions = store.knowledge_versions()
+        if args.json:
+            print(json.dumps(versions, indent=2, default=str))
+            return 0
+        print(f"{'knowledge':<14}{'cards':>8}  first issued               last issued")
+        for v in versions:
+            label = v["digest"][:KNOWLEDGE_DIGEST_SHOWN] if v["digest"] else "(not kept)"
+            print(f"{label:<14}{v['cards']:>8}  {v['first_issued']:%Y-%m-%d %H:%M:%S %Z}"
+                  f"    {v['last_issued']:%Y-%m-%d %H:%M:%S %Z}")
+        return 0
     report = store.feedback_report(knowledge=args.knowledge)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -293,6 +293,21 @@ class Store:
             entry["override_rate"] = round(entry["overridden"] / n, 3) if n else 0.0
         return sorted(report.values(), key=lambda e: e["rule"])
 
+    def knowledge_versions(self) -> list[dict[str, Any]]:
+        """The knowledge packs cards were issued by: digest, cards, first and last issue time.
+
+        Cards issued before revision 0003 kept no digest: they appear with ``digest`` None.
+        """
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(issued_cards.c.knowledge_digest, func.count(),
+                       func.min(issued_cards.c.issued_at), func.max(issued_cards.c.issued_at))
+                .group_by(issued_cards.c.knowledge_digest)
+            ).all()
+        versions = [{"digest": digest, "cards": int(count), "first_issued": _utc(first),
+                     "last_issued": _utc(last)} for digest, count, first, last in rows]
+        return sorted(versions, key=lambda v: v["first_issued"])
+
     # -- retention ------------------------------------------------------------------------------
     def purge(self, before: datetime, dry_run: bool = False) -> dict[str, int]:
         """Delete issued cards and feedback older than ``before``, and expired JWT ids.
@@ -347,6 +362,11 @@ class Store:
             if stale.rowcount:
                 return self.claim(key, expires_at)
             return False
+
+
+def _utc(value: datetime) -> datetime:
+    """A stored time as an aware UTC datetime (SQLite gives it back without its zone)."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
 
 
 def _dedupe_key(item: Feedback) -> str:
