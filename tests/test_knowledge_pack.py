@@ -162,3 +162,45 @@ def test_the_pack_digest_changes_with_any_file_and_only_with_the_files(tmp_path)
     rules.rename(rules.with_name("rules-old.yaml"))
     assert knowledge.pack_digest(pack) not in (base, commented)
     assert knowledge.load(knowledge.default_root()).digest == base
+
+
+def test_a_drug_named_by_its_ingredient_in_a_local_form_or_route_is_not_systemic(pack):
+    """The name fallback (products the RxNorm map does not know) skips creams, sprays, eye drops
+    and epidural or intra-articular injections: they neither suppress immunity nor are the
+    systemic steroids that STER-1 advises against."""
+    from lbp_cds.facts import PRESENT, medication
+
+    steroids = pack.valueset("systemic-corticosteroids")
+    assert steroids.names_ingredient("methylprednisolone 4 MG Oral Tablet")
+    assert not steroids.names_ingredient("hydrocortisone 10 MG/ML Topical Cream")
+    assert not steroids.names_ingredient("triamcinolone acetonide 0.055 MG/ACTUAT Nasal Spray")
+    immuno = pack.valueset("immunosuppressant-drugs")
+    assert immuno.names_ingredient("tacrolimus 1 MG Oral Capsule")
+    assert not immuno.names_ingredient("tacrolimus 1 MG/ML Topical Ointment")
+    assert not immuno.names_ingredient("cycloSPORINE 0.5 MG/ML Ophthalmic Emulsion")
+
+    def request(route: str | None) -> dict[str, Any]:
+        mr: dict[str, Any] = {
+            "resourceType": "MedicationRequest", "id": "mr1", "status": "active",
+            "intent": "order", "subject": {"reference": "Patient/p1"},
+            "authoredOn": "2026-02-28",
+            "medicationCodeableConcept": {"coding": [{
+                "system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "999999901",
+                "display": "triamcinolone acetonide 40 MG/ML Injectable Suspension"}]}}
+        if route:
+            mr["dosageInstruction"] = [{"route": {"coding": [{
+                "system": "http://snomed.info/sct", "code": "404820008", "display": route}]}}]
+        return mr
+
+    now = datetime.fromisoformat("2026-03-02T10:00:00+00:00")
+    args = {"valueset": steroids, "label": "steroid"}
+    for route, expected in ((None, True), ("Intramuscular route", True),
+                            ("Epidural route", False), ("Intra-articular route", False)):
+        record = record_from_resources("p1", [{"resourceType": "Patient", "id": "p1"},
+                                              request(route)])
+        got = medication(Context(record, pack, now, "patient-view"), args).status == PRESENT
+        assert got is expected, route
+        draft = record_from_resources("p1", [{"resourceType": "Patient", "id": "p1"}],
+                                      draft_orders=[request(route)])
+        ctx = Context(draft, pack, now, "order-sign", draft.draft_orders())
+        assert (medication(ctx, args | {"source": "draft"}).status == PRESENT) is expected, route

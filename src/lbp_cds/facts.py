@@ -568,7 +568,7 @@ def medication(ctx: Context, a: dict[str, Any]) -> Result:
         candidates += [(m, True) for m in ctx.record.draft_orders()
                        if m.get_resource_type() == "MedicationRequest"
                        and (match(m.medicationCodeableConcept, vs) is not None
-                            or _names(m.medicationCodeableConcept, vs))]
+                            or _names(m, vs))]
     found = []
     for mr, draft in candidates:
         if not draft and want_active and mr.status != "active":
@@ -592,19 +592,36 @@ def medication(ctx: Context, a: dict[str, Any]) -> Result:
 
 
 def _raw_names(raw: dict[str, Any], vs: ValueSet) -> bool:
+    """A stored MedicationRequest names an ingredient of ``vs`` in a form and by a route the
+    value set does not exclude."""
     concept = raw.get("medicationCodeableConcept")
     if not isinstance(concept, dict):
         return False
     texts = [concept.get("text")] + [c.get("display") for c in as_list(concept.get("coding"))
                                      if isinstance(c, dict) and c.get("system") == RXNORM]
-    return any(isinstance(t, str) and vs.names_ingredient(t) for t in texts)
+    if not any(isinstance(t, str) and vs.names_ingredient(t) for t in texts):
+        return False
+    routes: list[Any] = []
+    for dosage in as_list(raw.get("dosageInstruction")):
+        route = dosage.get("route") if isinstance(dosage, dict) else None
+        if isinstance(route, dict):
+            routes += [route.get("text")] + [c.get("display") for c in as_list(route.get("coding"))
+                                             if isinstance(c, dict)]
+    return not any(isinstance(t, str) and vs.excludes_by_name(t) for t in routes)
 
 
-def _names(concept: Any, vs: ValueSet) -> bool:
+def _names(mr: Any, vs: ValueSet) -> bool:
+    """A draft MedicationRequest (a model) names an ingredient of ``vs`` in a form and by a
+    route the value set does not exclude."""
+    concept = mr.medicationCodeableConcept
     if concept is None:
         return False
     texts = [concept.text] + [c.display for c in codings(concept) if c.system == RXNORM]
-    return any(vs.names_ingredient(t) for t in texts if t)
+    if not any(vs.names_ingredient(t) for t in texts if t):
+        return False
+    routes = [t for d in mr.dosageInstruction or [] if d.route is not None
+              for t in [d.route.text] + [c.display for c in codings(d.route)]]
+    return not any(vs.excludes_by_name(t) for t in routes if t)
 
 
 def _drug_text(concept: Any) -> str:

@@ -24,6 +24,7 @@ ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 EXTENSION_BASE = "https://lbp-cds.example.org/fhir/StructureDefinition/"
 TEXT_PATTERN_URL = EXTENSION_BASE + "order-text-pattern"
+NAME_EXCLUSION_URL = EXTENSION_BASE + "ingredient-name-exclusion-pattern"
 PREFETCH_TOKEN = re.compile(r"\{\{\s*([^}]+?)\s*\}\}")
 ALLOWED_TOKENS = {
     "context.patientId", "context.encounterId", "context.userId", "userPractitionerId",
@@ -85,6 +86,9 @@ class ValueSet:
     exclude_prefixes: Mapping[str, tuple[str, ...]]
     text_patterns: tuple[re.Pattern[str], ...] = ()
     ingredient_names: re.Pattern[str] | None = None
+    # Dose forms and routes that take a drug recognised by its ingredient's name out of the set
+    # (a steroid cream is not a systemic steroid).
+    name_exclusions: re.Pattern[str] | None = None
 
     def contains(self, system: str | None, code: str | None) -> bool:
         """Tell whether ``system|code`` is a member.
@@ -110,9 +114,16 @@ class ValueSet:
 
     def names_ingredient(self, text: str | None) -> bool:
         """Tell whether a drug's name (an RxNorm display or free text) names an ingredient of
-        the value set: the fallback for product codes the ConceptMap does not know."""
+        the value set, in a dose form the set does not exclude: the fallback for product codes
+        the ConceptMap does not know."""
         return bool(text) and self.ingredient_names is not None and bool(
-            self.ingredient_names.search(text or ""))
+            self.ingredient_names.search(text or "")) and not self.excludes_by_name(text)
+
+    def excludes_by_name(self, text: str | None) -> bool:
+        """Tell whether a dose form or route (free text) takes a drug recognised by its name out
+        of the value set (``ingredient-name-exclusion-pattern``)."""
+        return bool(text) and self.name_exclusions is not None and bool(
+            self.name_exclusions.search(text or ""))
 
     def matches_text(self, text: str | None) -> bool:
         """Tell whether free text matches one of the value set's order-text patterns."""
@@ -480,13 +491,18 @@ def _load_valueset(path: Path) -> ValueSet:
     compose = doc.get("compose") or {}
     exact, prefixes = _split_include(path, compose.get("include", []))
     ex_exact, ex_prefixes = _split_include(path, compose.get("exclude", []))
-    patterns = []
+    patterns: list[re.Pattern[str]] = []
+    exclusions: list[re.Pattern[str]] = []
     for ext in doc.get("extension", []):
-        if ext.get("url") == TEXT_PATTERN_URL:
+        if ext.get("url") in (TEXT_PATTERN_URL, NAME_EXCLUSION_URL):
             try:
-                patterns.append(re.compile(ext["valueString"], re.IGNORECASE))
+                compiled = re.compile(ext["valueString"], re.IGNORECASE)
             except re.error as exc:
-                raise KnowledgeError(f"{path.name}: bad order-text-pattern: {exc}") from None
+                raise KnowledgeError(f"{path.name}: bad {ext['url'].rsplit('/', 1)[1]}: "
+                                     f"{exc}") from None
+            (patterns if ext["url"] == TEXT_PATTERN_URL else exclusions).append(compiled)
+    if len(exclusions) > 1:
+        raise KnowledgeError(f"{path.name}: one ingredient-name-exclusion-pattern at most")
     if not exact and not prefixes:
         raise KnowledgeError(f"{path.name}: the value set has no codes")
     # RxNorm ingredient concepts are named by their display ("gabapentin"); products, whose
@@ -500,7 +516,8 @@ def _load_valueset(path: Path) -> ValueSet:
     pattern = re.compile(r"\b(?:" + "|".join(re.escape(n) for n in names) + r")\b",
                          re.IGNORECASE) if names else None
     return ValueSet(path.stem, str(doc.get("url", "")), str(doc.get("title", path.stem)),
-                    exact, prefixes, ex_exact, ex_prefixes, tuple(patterns), pattern)
+                    exact, prefixes, ex_exact, ex_prefixes, tuple(patterns), pattern,
+                    exclusions[0] if exclusions else None)
 
 
 def _load_conceptmap(path: Path) -> dict[str, frozenset[str]]:
