@@ -204,3 +204,12 @@ def test_a_drug_named_by_its_ingredient_in_a_local_form_or_route_is_not_systemic
                                       draft_orders=[request(route)])
         ctx = Context(draft, pack, now, "order-sign", draft.draft_orders())
         assert (medication(ctx, args | {"source": "draft"}).status == PRESENT) is expected, route
+
+
+def test_a_recent_lumbar_cord_or_root_injury_justifies_early_imaging(pack):
+    """HEDIS's trauma exclusion (clinical-rules 1.7) covers injuries of the lumbar cord, cauda
+    equina and nerve roots (S34), not only sprains and dislocations (S33)."""
+    trauma = pack.valueset("lumbar-trauma")
+    icd = "http://hl7.org/fhir/sid/icd-10-cm"
+    assert trauma.contains(icd, "S33.5XXA") and trauma.contains(icd, "S34.21XA")
+    assert not trauma.contains(icd, "M54.50")
