@@ -599,15 +599,13 @@ def _raw_names(raw: dict[str, Any], vs: ValueSet) -> bool:
         return False
     texts = [concept.get("text")] + [c.get("display") for c in as_list(concept.get("coding"))
                                      if isinstance(c, dict) and c.get("system") == RXNORM]
-    if not any(isinstance(t, str) and vs.names_ingredient(t) for t in texts):
-        return False
     routes: list[Any] = []
     for dosage in as_list(raw.get("dosageInstruction")):
         route = dosage.get("route") if isinstance(dosage, dict) else None
         if isinstance(route, dict):
             routes += [route.get("text")] + [c.get("display") for c in as_list(route.get("coding"))
                                              if isinstance(c, dict)]
-    return not any(isinstance(t, str) and vs.excludes_by_name(t) for t in routes)
+    return _named(texts, routes, vs)
 
 
 def _names(mr: Any, vs: ValueSet) -> bool:
@@ -617,11 +615,15 @@ def _names(mr: Any, vs: ValueSet) -> bool:
     if concept is None:
         return False
     texts = [concept.text] + [c.display for c in codings(concept) if c.system == RXNORM]
-    if not any(vs.names_ingredient(t) for t in texts if t):
-        return False
     routes = [t for d in mr.dosageInstruction or [] if d.route is not None
               for t in [d.route.text] + [c.display for c in codings(d.route)]]
-    return not any(vs.excludes_by_name(t) for t in routes if t)
+    return _named(texts, routes, vs)
+
+
+def _named(names: list[Any], routes: list[Any], vs: ValueSet) -> bool:
+    """One of ``names`` names an ingredient of ``vs`` and no route is one the set excludes."""
+    return (any(isinstance(t, str) and vs.names_ingredient(t) for t in names)
+            and not any(isinstance(t, str) and vs.excludes_by_name(t) for t in routes))
 
 
 def _drug_text(concept: Any) -> str:
