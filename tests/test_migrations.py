@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
@@ -36,8 +35,7 @@ from sqlalchemy import (
 )
 
 from lbp_cds.cards import IssuedCard
-from lbp_cds.hooks import Feedback
-from lbp_cds.store import MIGRATIONS, SCHEMA_REVISION, Store, metadata
+from lbp_cds.store import MIGRATIONS, SCHEMA_REVISION, Store, alembic_config, metadata
 from tests.conftest import postgres_schema
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=timezone.utc)
@@ -92,12 +90,6 @@ def differences(store: Store) -> list[object]:
     with store.engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         return list(compare_metadata(context, metadata))
-
-
-def alembic_config(conn) -> Config:
-    config = Config(attributes={"connection": conn})
-    config.set_main_option("script_location", str(MIGRATIONS))
-    return config
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

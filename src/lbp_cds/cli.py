@@ -7,12 +7,13 @@ multiprocess directory before the metrics module is first imported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -311,28 +312,36 @@ def cmd_check_knowledge(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def cmd_feedback_report(args: argparse.Namespace) -> int:
-    """Print acceptance and override rates per rule (or the knowledge versions seen)."""
-    from lbp_cds.cards import KNOWLEDGE_DIGEST_SHOWN
+@contextlib.contextmanager
+def _store() -> Iterator[Any]:
+    """The store named by the settings, migrated; its connections closed afterwards."""
     from lbp_cds.config import Settings
     from lbp_cds.store import Store
 
     store = Store(Settings.from_env().database_url)
-    store.migrate()
+    try:
+        store.migrate()
+        yield store
+    finally:
+        store.engine.dispose()
+
+
+def cmd_feedback_report(args: argparse.Namespace) -> int:
+    """Print acceptance and override rates per rule (or the knowledge versions seen)."""
+    from lbp_cds.cards import KNOWLEDGE_DIGEST_SHOWN
+
+    with _store() as store:
+        versions = store.knowledge_versions() if args.versions else []
+        report = [] if args.versions else store.feedback_report(knowledge=args.knowledge)
+    if args.json:
+        print(json.dumps(versions if args.versions else report, indent=2, default=str))
+        return 0
     if args.versions:
-        versions = store.knowledge_versions()
-        if args.json:
-            print(json.dumps(versions, indent=2, default=str))
-            return 0
         print(f"{'knowledge':<14}{'cards':>8}  first issued               last issued")
         for v in versions:
             label = v["digest"][:KNOWLEDGE_DIGEST_SHOWN] if v["digest"] else "(not kept)"
             print(f"{label:<14}{v['cards']:>8}  {v['first_issued']:%Y-%m-%d %H:%M:%S %Z}"
                   f"    {v['last_issued']:%Y-%m-%d %H:%M:%S %Z}")
-        return 0
-    report = store.feedback_report(knowledge=args.knowledge)
-    if args.json:
-        print(json.dumps(report, indent=2))
         return 0
     print(f"{'rule':<14}{'issued':>8}{'accepted':>10}{'overridden':>12}{'accept%':>9}"
           f"{'override%':>11}  reasons")
@@ -374,16 +383,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     """Delete what is older than the retention period; print the counts."""
-    from lbp_cds.config import Settings
-    from lbp_cds.store import Store
-
-    store = Store(Settings.from_env().database_url)
-    try:
-        store.migrate()
-        before = datetime.now(timezone.utc) - timedelta(days=args.older_than_days)
+    before = datetime.now(timezone.utc) - timedelta(days=args.older_than_days)
+    with _store() as store:
         counts = store.purge(before, dry_run=args.dry_run)
-    finally:
-        store.engine.dispose()
     verb = "would delete" if args.dry_run else "deleted"
     print(json.dumps({"before": before.isoformat(), "dry_run": args.dry_run, verb: counts}))
     return 0

@@ -131,7 +131,6 @@ class Store:
         if self._revision() == SCHEMA_REVISION:
             return SCHEMA_REVISION
         from alembic import command
-        from alembic.config import Config
         from alembic.runtime.migration import MigrationContext
         from alembic.script import ScriptDirectory
         from alembic.util import CommandError
@@ -158,9 +157,7 @@ class Store:
                                        "release_head": scripts.get_current_head()})
                     conn.rollback()
                     return current
-            config = Config(attributes={"connection": conn})
-            config.set_main_option("script_location", str(MIGRATIONS))
-            command.upgrade(config, "head")
+            command.upgrade(alembic_config(conn), "head")
             conn.commit()
             return str(MigrationContext.configure(conn).get_current_revision())
 
@@ -362,6 +359,15 @@ class Store:
             if stale.rowcount:
                 return self.claim(key, expires_at)
             return False
+
+
+def alembic_config(conn: Any) -> Any:
+    """Alembic's configuration for migrating over ``conn`` (no ini file, no URL)."""
+    from alembic.config import Config
+
+    config = Config(attributes={"connection": conn})
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
 
 
 def _utc(value: datetime) -> datetime:
