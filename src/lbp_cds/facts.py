@@ -186,26 +186,130 @@ def unavailable(ctx: Context, resource_type: str, label: str) -> Result:
     return Result.not_known(f"{label}: {resource_type} data could not be checked ({reason})")
 
 
+# -- the problem list: which entries count ---------------------------------------------------
+ABATEMENT_ELEMENTS = ("abatementDateTime", "abatementAge", "abatementPeriod", "abatementRange",
+                      "abatementString")
+
+
+def entry_date(c: Any) -> datetime | None:
+    """When a problem-list entry began: its onset, else the date it was recorded."""
+    return as_datetime(c.onsetDateTime) or as_datetime(
+        c.onsetPeriod.start if c.onsetPeriod else None) or as_datetime(c.recordedDate)
+
+
+def abated(c: Any, now: datetime) -> bool:
+    """The entry says the condition ended (an abatement date not in the future, or any other
+    abatement element), whatever its clinical status says."""
+    for name in ABATEMENT_ELEMENTS:
+        value = getattr(c, name, None)
+        if value is None:
+            continue
+        if name == "abatementDateTime":
+            when = as_datetime(value)
+            return when is None or when <= now
+        if name == "abatementPeriod":
+            when = as_datetime(value.end) or as_datetime(value.start)
+            return when is None or when <= now
+        return True
+    return False
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A problem-list entry that counts now: the Condition, its date and its status words."""
+
+    condition: Any
+    when: datetime | None
+    status: str
+
+
+def problem_entries(ctx: Context, vs: ValueSet, status: str = "active") -> list[Entry]:
+    """The Conditions of a value set that count now, by the pack's problem-list rules.
+
+    The one place that decides which problem-list entries count, for every rule. Entries whose
+    verification status is refuted or entered-in-error never count. How the others count is the
+    value set's ``problem-list.yaml`` entry (``Knowledge.currency``); for a value set without one,
+    the rule's ``status`` argument: ``any`` counts every entry (history codes), ``active`` only
+    current ones (clinical status active, recurrence or relapse, or none given, and not abated).
+
+    Args:
+        ctx: the evaluation context.
+        vs: the value set.
+        status: the rule's ``status`` argument (used only without a problem-list entry).
+    """
+    key = ("problem", vs.id, status)
+    cached = ctx.cache.get(key)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    cur = ctx.knowledge.currency(vs.id)
+    counts = cur.counts if cur is not None else ("ever" if status == "any" else "current")
+    window = since(ctx, ctx.knowledge.param(cur.within_days)) \
+        if cur is not None and cur.within_days is not None else None
+    out: list[Entry] = []
+    if cur is None or not _ruled_out(ctx, cur.ruled_out_by):
+        endings = _dates_of(ctx, cur.ended_by) if cur is not None else []
+        for c in ctx.record.coded("Condition", vs):
+            if status_code(c.verificationStatus) in IGNORED_VERIFICATION:
+                continue
+            clinical = status_code(c.clinicalStatus)
+            when = entry_date(c)
+            words = clinical or "no status given"
+            if counts != "ever":
+                if clinical not in (None, *ACTIVE_CLINICAL) or abated(c, ctx.now):
+                    continue
+                if window is not None and when is not None and when < window:
+                    continue
+                if when is not None and any(when < end <= ctx.now for end in endings):
+                    continue
+            elif clinical not in (None, *ACTIVE_CLINICAL) or abated(c, ctx.now):
+                words = f"{clinical or 'abated'} (a history counts)"
+            out.append(Entry(c, when, words if when is not None or counts != "recent"
+                             else f"{words}, undated"))
+    ctx.cache[key] = out
+    return out
+
+
+def _ruled_out(ctx: Context, valuesets: tuple[str, ...]) -> bool:
+    """A Condition (any status) or a done Procedure of these value sets is on record."""
+    for vs_id in valuesets:
+        vs = ctx.knowledge.valuesets[vs_id]
+        if any(status_code(c.verificationStatus) not in IGNORED_VERIFICATION
+               for c in ctx.record.coded("Condition", vs)):
+            return True
+        if any(p.status in ("completed", "in-progress")
+               for p in ctx.record.coded("Procedure", vs)):
+            return True
+    return False
+
+
+def _dates_of(ctx: Context, valuesets: tuple[str, ...]) -> list[datetime]:
+    """Dates of the Conditions and done Procedures of these value sets (what ends an entry)."""
+    out = []
+    for vs_id in valuesets:
+        vs = ctx.knowledge.valuesets[vs_id]
+        out += [d for c in ctx.record.coded("Condition", vs)
+                if status_code(c.verificationStatus) not in IGNORED_VERIFICATION
+                and (d := entry_date(c)) is not None]
+        out += [d for p in ctx.record.coded("Procedure", vs)
+                if p.status in ("completed", "in-progress")
+                and (d := as_datetime(p.performedDateTime) or as_datetime(
+                    p.performedPeriod.start if p.performedPeriod else None)) is not None]
+    return out
+
+
 # -- the facts ----------------------------------------------------------------------------------
 def condition(ctx: Context, a: dict[str, Any]) -> Result:
-    """A Condition (or a reason of the judged order) with a code in the value set."""
+    """A Condition that counts now (``problem_entries``), or a reason of the judged order, with a
+    code in the value set; ``within_days`` narrows to entries dated in the window."""
     vs: ValueSet = a["valueset"]
-    want_active = a.get("status", "active") == "active"
     start = since(ctx, a.get("within_days"))
     found: list[Evidence] = []
-    for c in ctx.record.coded("Condition", vs):
-        if status_code(c.verificationStatus) in IGNORED_VERIFICATION:
+    for entry in problem_entries(ctx, vs, a.get("status", "active")):
+        if start is not None and (entry.when is None or entry.when < start):
             continue
-        clinical = status_code(c.clinicalStatus)
-        if want_active and clinical not in (None, *ACTIVE_CLINICAL):
-            continue
-        when = as_datetime(c.onsetDateTime) or as_datetime(
-            c.onsetPeriod.start if c.onsetPeriod else None) or as_datetime(c.recordedDate)
-        if start is not None and (when is None or when < start):
-            continue
-        coding = match(c.code, vs)
-        found.append(Evidence(f"Condition: {describe(coding)}", clinical or "no status given",
-                              day(when), ref(c)))
+        coding = match(entry.condition.code, vs)
+        found.append(Evidence(f"Condition: {describe(coding)}", entry.status, day(entry.when),
+                              ref(entry.condition)))
     for order in ctx.reason_orders():
         for cc in getattr(order, "reasonCode", None) or []:
             coding = match(cc, vs)
@@ -896,24 +1000,35 @@ def sex(ctx: Context, a: dict[str, Any]) -> Result:
 
 
 def episode_onset(ctx: Context, vs: ValueSet) -> tuple[datetime | None, Evidence | None]:
-    """Start of the current episode: the intake onset date, else in-scope Condition dates."""
+    """Start of the current episode: the intake onset date, else in-scope Condition dates.
+
+    With an ``episode_gap_days`` for the value set in ``problem-list.yaml`` (HEDIS: no back-pain
+    diagnosis in the prior 180 days makes a new episode), an entry that long before the next
+    belongs to an earlier episode: an entry left active for years must not make a new episode
+    chronic. Walking back from the newest in-scope entry that counts, the episode begins at the
+    earliest entry reached without such a gap; without a gap, at the earliest entry.
+    """
     values, qr = latest_answers(ctx, "lbp-onset-date")
     dates = [d for d in (as_datetime(v) for v in values) if d is not None]
     if qr is not None and dates:
         onset = max(dates)
         return onset, Evidence("Intake answer: onset of this episode", day(onset),
                                day(as_datetime(qr.authored)), ref(qr))
+    dated: list[tuple[datetime, Entry]] = sorted(
+        ((e.when, e) for e in problem_entries(ctx, vs) if e.when is not None),
+        key=lambda pair: pair[0], reverse=True)
     best: tuple[datetime, Evidence] | None = None
-    for c in ctx.record.coded("Condition", vs):
-        if status_code(c.verificationStatus) in IGNORED_VERIFICATION:
-            continue
-        if status_code(c.clinicalStatus) not in (None, *ACTIVE_CLINICAL):
-            continue
-        when = as_datetime(c.onsetDateTime) or as_datetime(
-            c.onsetPeriod.start if c.onsetPeriod else None) or as_datetime(c.recordedDate)
-        if when is not None and (best is None or when < best[0]):
-            best = (when, Evidence(f"Onset of {describe(match(c.code, vs))}", day(when),
-                                   "", ref(c)))
+    if dated:
+        cur = ctx.knowledge.currency(vs.id)
+        gap = timedelta(days=float(ctx.knowledge.param(cur.episode_gap_days))) \
+            if cur is not None and cur.episode_gap_days is not None else None
+        start, entry = dated[0]
+        for earlier_when, earlier in dated[1:]:
+            if gap is not None and start - earlier_when > gap:
+                break
+            start, entry = earlier_when, earlier
+        best = (start, Evidence(f"Onset of {describe(match(entry.condition.code, vs))}",
+                                day(start), "", ref(entry.condition)))
     if best is None:
         for order in ctx.reason_orders():
             if any(match(cc, vs) for cc in getattr(order, "reasonCode", None) or []):

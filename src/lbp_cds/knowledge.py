@@ -52,6 +52,33 @@ class Parameter:
 
 
 @dataclass(frozen=True)
+class Currency:
+    """How problem-list entries of one value set count (``problem-list.yaml``).
+
+    ``counts`` is ``current`` (clinical status active, recurrence or relapse, or none given, and
+    not abated), ``ever`` (any clinical status: a history of cancer, osteoporosis, a transplant)
+    or ``recent`` (current, and its onset, else its recorded date, within ``within_days``).
+    ``ruled_out_by``: value sets of Conditions (any status) or Procedures that, on record at any
+    time, mean an entry cannot count (an appendectomy and appendicitis). ``ended_by``: value sets
+    whose entry dated after an entry's onset ends it (a delivery and a pregnancy).
+    ``episode_gap_days``: for the set that defines an episode (``symptom_duration``), an entry
+    this long before the next belongs to an earlier episode (HEDIS: 180 days).
+    """
+
+    valueset: str
+    counts: str
+    within_days: Any = None
+    ruled_out_by: tuple[str, ...] = ()
+    ended_by: tuple[str, ...] = ()
+    episode_gap_days: Any = None
+    source: str = ""
+    note: str = ""
+
+
+CURRENCIES = ("current", "ever", "recent")
+
+
+@dataclass(frozen=True)
 class Citation:
     """A guideline a rule or card cites."""
 
@@ -208,6 +235,8 @@ class Knowledge:
     rules: list[RuleSpec]
     cards: dict[str, dict[str, Any]]
     categories: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Which problem-list entries count, by value set id (``problem-list.yaml``; absent: current).
+    problem_list: dict[str, Currency] = field(default_factory=dict)
     valueset_use: set[str] = field(default_factory=set)
     # SHA-256 of the pack as loaded (``pack_digest``): which reviewed knowledge gave a card.
     digest: str = ""
@@ -242,6 +271,10 @@ class Knowledge:
             self._universe = CodeUniverse(
                 {s: frozenset(c) for s, c in exact.items()}, frozenset(prefixed))
         return self._universe
+
+    def currency(self, vs_id: str) -> Currency | None:
+        """How entries of a value set count on a problem list; None: the rule's own arguments."""
+        return self.problem_list.get(vs_id)
 
     def services_with_id(self, service_id: str) -> list[Service]:
         """Every discovery entry with that id (the same id may serve several hooks)."""
@@ -353,6 +386,7 @@ def load(root: Path | None = None, parameters_file: Path | None = None) -> Knowl
         override_system=override_system, override_reasons=override_reasons,
         valuesets=valuesets, ingredient_map=ingredient_map, questionnaire=questionnaire,
         services=services, rules=rules, cards=cards, categories=categories,
+        problem_list=_load_problem_list(root / "problem-list.yaml"),
         digest=pack_digest(root, parameters_file),
     )
     _cross_check(knowledge)
@@ -580,7 +614,54 @@ def _load_rules(folder: Path) -> list[RuleSpec]:
 INDICATORS = ("info", "warning", "critical")
 
 
+def _load_problem_list(path: Path) -> dict[str, Currency]:
+    """``problem-list.yaml``: how entries of each listed value set count (optional file)."""
+    if not path.is_file():
+        return {}
+    out: dict[str, Currency] = {}
+    for vs_id, entry in (_yaml(path).get("valuesets") or {}).items():
+        where = f"problem-list.yaml {vs_id}"
+        if not isinstance(entry, dict):
+            raise KnowledgeError(f"{where}: expected a mapping")
+        unknown = set(entry) - {"counts", "within_days", "ruled_out_by", "ended_by",
+                                "episode_gap_days", "source", "note"}
+        if unknown:
+            raise KnowledgeError(f"{where}: unknown keys {sorted(unknown)}")
+        counts = entry.get("counts")
+        if counts not in CURRENCIES:
+            raise KnowledgeError(f"{where}: counts must be one of {CURRENCIES}, not {counts!r}")
+        if (counts == "recent") != ("within_days" in entry):
+            raise KnowledgeError(f"{where}: within_days goes with counts: recent, and only there")
+        out[str(vs_id)] = Currency(
+            str(vs_id), counts, entry.get("within_days"),
+            tuple(str(v) for v in entry.get("ruled_out_by") or ()),
+            tuple(str(v) for v in entry.get("ended_by") or ()),
+            entry.get("episode_gap_days"),
+            str(entry.get("source") or ""), str(entry.get("note") or ""))
+    return out
+
+
+def _check_problem_list(k: Knowledge) -> None:
+    for vs_id, cur in k.problem_list.items():
+        where = f"problem-list.yaml {vs_id}"
+        for ref in (vs_id, *cur.ruled_out_by, *cur.ended_by):
+            if ref not in k.valuesets:
+                raise KnowledgeError(f"{where}: unknown value set {ref!r}")
+        for ref in (*cur.ruled_out_by, *cur.ended_by):
+            k.valueset(ref)  # used by the condition fact
+        if not cur.source or cur.source not in k.citations:
+            raise KnowledgeError(f"{where}: source {cur.source!r} is not a citation")
+        for name in ("within_days", "episode_gap_days"):
+            value = getattr(cur, name)
+            if value is None:
+                continue
+            days = k.param(value)
+            if isinstance(days, bool) or not isinstance(days, (int, float)) or days <= 0:
+                raise KnowledgeError(f"{where}: {name} must be a positive number of days")
+
+
 def _cross_check(k: Knowledge) -> None:
+    _check_problem_list(k)
     seen: set[str] = set()
     for rule in k.rules:
         where = f"{rule.folder}/rules.yaml rule {rule.id}"

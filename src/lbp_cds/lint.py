@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from lbp_cds.knowledge import EXTENSION_BASE, Knowledge
 
 VERIFICATION_URL = EXTENSION_BASE + "code-verification"
@@ -44,9 +46,28 @@ def lint(k: Knowledge) -> list[str]:
                                     "verification tag")
             if inc.get("filter") and not tagged_include:
                 problems.append(f"value set {vs_id}: a filter include has no verification tag")
+    problems += _problem_list_conflicts(k)
     for name, p in sorted(k.parameters.items()):
         if not p.source:
             problems.append(f"parameter {name} has no source")
         elif p.source not in k.citations:
             problems.append(f"parameter {name}: source {p.source} is not a citation")
     return problems
+
+
+def _problem_list_conflicts(k: Knowledge) -> list[str]:
+    """A rule that gives ``status`` for a value set whose problem-list entry decides."""
+    out = []
+    for rule in k.rules:
+        stack: list[Any] = [rule.when, *(w for _, w in rule.escalate), *(w for _, w in rule.notes)]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                if node.get("fact") == "condition" and "status" in node and \
+                        k.currency(str(node.get("valueset"))) is not None:
+                    out.append(f"rule {rule.id}: status of {node['valueset']} is decided by "
+                               "problem-list.yaml; remove it from the rule")
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+    return out
