@@ -238,6 +238,8 @@ class Knowledge:
     # Which problem-list entries count, by value set id (``problem-list.yaml``; absent: current).
     problem_list: dict[str, Currency] = field(default_factory=dict)
     valueset_use: set[str] = field(default_factory=set)
+    # value set id -> the facts whose `valueset` argument names it (recorded by ``RuleEngine``).
+    valueset_facts: dict[str, set[str]] = field(default_factory=dict)
     # SHA-256 of the pack as loaded (``pack_digest``): which reviewed knowledge gave a card.
     digest: str = ""
     _universe: CodeUniverse | None = field(default=None, repr=False)

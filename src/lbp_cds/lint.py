@@ -10,6 +10,9 @@ VERIFICATION_URL = EXTENSION_BASE + "code-verification"
 PROVENANCE_EXTENSIONS = ("valueset-source", "valueset-inclusion-criteria",
                          "valueset-exclusion-criteria")
 ENGINE_VALUESETS = {"observation-positive", "observation-negative"}
+SNOMED = "http://snomed.info/sct"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+SINGLE_SYSTEM_URL = EXTENSION_BASE + "valueset-single-system-reason"
 
 
 def lint(k: Knowledge) -> list[str]:
@@ -36,6 +39,7 @@ def lint(k: Knowledge) -> list[str]:
         for name in PROVENANCE_EXTENSIONS:
             if EXTENSION_BASE + name not in urls:
                 problems.append(f"value set {vs_id} lacks the {name} extension")
+        problems += _terminology_parity(k, vs_id, doc)
         for inc in (doc.get("compose") or {}).get("include", []):
             tagged_include = any(e.get("url") == VERIFICATION_URL
                                  for e in inc.get("extension", []))
@@ -71,3 +75,21 @@ def _problem_list_conflicts(k: Knowledge) -> list[str]:
             elif isinstance(node, list):
                 stack.extend(node)
     return out
+
+
+def _terminology_parity(k: Knowledge, vs_id: str, doc: dict[str, Any]) -> list[str]:
+    """A value set a ``condition`` fact uses must list SNOMED CT and ICD-10-CM codes (US EHRs
+    send one or both on a Condition), unless it says why one system is enough."""
+    if "condition" not in k.valueset_facts.get(vs_id, set()):
+        return []
+    systems = {inc.get("system") for inc in (doc.get("compose") or {}).get("include", [])}
+    missing = [name for name, url in (("SNOMED CT", SNOMED), ("ICD-10-CM", ICD10CM))
+               if url not in systems]
+    if not missing:
+        return []
+    reason = next((e.get("valueMarkdown") for e in doc.get("extension", [])
+                   if e.get("url") == SINGLE_SYSTEM_URL), None)
+    if reason and str(reason).strip():
+        return []
+    return [f"value set {vs_id} is used by a condition fact but has no {' or '.join(missing)} "
+            "code and no valueset-single-system-reason extension"]

@@ -304,6 +304,7 @@ class RuleEngine:
             except KnowledgeError as exc:
                 raise KnowledgeError(f"{where}: {exc}") from None
             if key == "valueset":
+                k.valueset_facts.setdefault(str(value), set()).add(name)
                 try:
                     value = k.medication_valueset(value) if name == "medication" else \
                         k.valueset(value)
