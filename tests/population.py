@@ -48,7 +48,9 @@ CANCER = {  # malignant neoplasms, whatever their status: a history of cancer co
 }
 OSTEOPOROSIS = {"64859006", "443165006"}
 PREGNANCY = {"72892002", "77386006"}
-DRUG_MISUSE = {"5602001", "55680006", "6525002", "191816009"}  # opioid abuse, overdose, dependence
+DRUG_MISUSE = {"5602001", "6525002", "191816009"}  # opioid abuse, drug dependence, opioid dep.
+OVERDOSE = "55680006"  # an overdose is drug misuse only when recent (Synthea leaves it active)
+OVERDOSE_DAYS = 365
 IMMUNOSUPPRESSANT_INGREDIENTS = ("methotrexate", "prednisone", "prednisolone", "tacrolimus",
                                  "cyclosporine", "azathioprine", "mycophenolate", "infliximab",
                                  "adalimumab", "etanercept", "rituximab", "dexamethasone",
@@ -204,7 +206,10 @@ def labels(bundle: dict[str, Any], now: datetime, age: int, sex: str) -> set[str
         if codes & PREGNANCY and current and onset is not None and \
                 now - onset <= timedelta(days=PREGNANCY_DAYS):
             out.add("current pregnancy")
-        if codes & DRUG_MISUSE and (current or recent):
+        if codes & DRUG_MISUSE and current:
+            out.add("drug misuse")
+        if OVERDOSE in codes and onset is not None and \
+                now - onset <= timedelta(days=OVERDOSE_DAYS):
             out.add("drug misuse")
         if codes & IMMUNOSUPPRESSION and current:
             out.add("immunosuppression")
