@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
 from typing import Any
+
+from lbp_cds.fixtures import Scenario
 
 ICD = "http://hl7.org/fhir/sid/icd-10-cm"
 SCT = "http://snomed.info/sct"
@@ -122,3 +129,82 @@ def hook_request(hook: str = "patient-view", prefetch: dict[str, Any] | None = N
         req["prefetch"] = prefetch
     req.update(extra)
     return req
+
+
+# -- records as real clients bend them (for the lenient-reading tests) ----------------------------
+SCENARIO_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "scenarios"
+REAL_PACK = Path(__file__).resolve().parents[1] / "cds_services"
+MR_CATEGORY = {"coding": [{
+    "system": "http://terminology.hl7.org/CodeSystem/medicationrequest-category",
+    "code": "outpatient", "display": "Outpatient"}]}
+
+
+def dstu2_condition(c: dict[str, Any]) -> dict[str, Any]:
+    """An R4 Condition as a DSTU2 server writes it."""
+    old = copy.deepcopy(c)
+    old["patient"] = old.pop("subject")
+    for name in ("clinicalStatus", "verificationStatus"):
+        if name in old:
+            old[name] = old[name]["coding"][0]["code"]
+    if "recordedDate" in old:
+        old["dateRecorded"] = old.pop("recordedDate")[:10]
+    if isinstance(old.get("category"), list):
+        old["category"] = old["category"][0]
+    return old
+
+
+def sandbox_order(mr: dict[str, Any]) -> dict[str, Any]:
+    """A MedicationRequest as the CDS Hooks Sandbox sends it: category as one object."""
+    return {**copy.deepcopy(mr), "category": MR_CATEGORY}
+
+
+def scenario_body(name: str, bend: Callable[[Scenario], Scenario] = lambda s: s,
+                  now: datetime | None = None) -> tuple[str, dict[str, Any], datetime]:
+    """(service id, hook request, now) for a scenario of fixtures/scenarios, bent as a client
+    would bend it; moved to ``now`` when given."""
+    from lbp_cds import knowledge as knowledge_pack
+    from lbp_cds.fixtures import hook_request as scenario_request
+    from lbp_cds.fixtures import read_scenario, rebase
+
+    sc = read_scenario(SCENARIO_DIR / f"{name}.yaml")
+    if now is not None:
+        sc = rebase(sc, now)
+    sc = bend(sc)
+    service = next(s for s in knowledge_pack.load(REAL_PACK).services if s.hook == sc.hook)
+    return service.id, scenario_request(sc, service.prefetch), sc.now
+
+
+def dstu2_record(sc: Scenario) -> Scenario:
+    return replace(sc, resources=[dstu2_condition(r) if r["resourceType"] == "Condition" else r
+                                  for r in sc.resources])
+
+
+def sandbox_draft(sc: Scenario) -> Scenario:
+    return replace(sc, draft_orders=[sandbox_order(d) for d in sc.draft_orders])
+
+
+def sandbox_record_opioid(sc: Scenario) -> Scenario:
+    """The opioid case at patient-view: the oxycodone order is an active record
+    MedicationRequest written today, shaped as the Sandbox writes it."""
+    [draft] = sc.draft_orders
+    active = {**sandbox_order(draft), "status": "active", "id": "opi-01-oxy-active"}
+    return replace(sc, hook="patient-view", draft_orders=[], resources=[*sc.resources, active])
+
+
+def unreadable_aneurysm(sc: Scenario) -> Scenario:
+    """The aneurysm Condition cannot be read even leniently (a modifier extension that is not
+    one); the others are DSTU2-shaped."""
+    out = []
+    for r in dstu2_record(sc).resources:
+        if r["resourceType"] == "Condition" and r["code"]["coding"][0]["code"].startswith("I71"):
+            r = {**r, "modifierExtension": "not an extension"}
+        out.append(r)
+    return replace(sc, resources=out)
+
+
+def stranger_observation(sc: Scenario) -> Scenario:
+    """A server that ignored the patient parameter: another patient's fever comes along."""
+    other = observation("8310-5", 39.4, rid="someone-elses-temp",
+                        when=sc.now.isoformat().replace("+00:00", "Z"))
+    other["subject"] = {"reference": "Patient/someone-else"}
+    return replace(sc, resources=[*sc.resources, other])

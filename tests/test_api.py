@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
+from lbp_cds.fixtures import Scenario
 from lbp_cds.hooks import response_issues
-from tests.builders import bundle, condition, hook_request, imaging_order, observation, patient
+from tests.builders import (
+    bundle,
+    condition,
+    dstu2_record,
+    hook_request,
+    imaging_order,
+    observation,
+    patient,
+    sandbox_draft,
+    sandbox_record_opioid,
+    scenario_body,
+    stranger_observation,
+    unreadable_aneurysm,
+)
 from tests.conftest import MINI
 
 req = pytest.mark.req
@@ -365,3 +382,105 @@ def test_feedback_when_the_store_fails_is_503_and_safe_to_retry(app, client):
         conn.execute(text("ALTER TABLE feedback_gone RENAME TO feedback"))
     again = client.post("/cds-services/mini-order-sign/feedback", json=fb)
     assert again.status_code == 200 and again.json["stored"] == 1
+
+
+# -- reading leniently, through the real knowledge pack ------------------------------------------
+# Records as real clients send them (``tests.builders``): a DSTU2 server's Conditions, the HL7 CDS
+# Hooks Sandbox's MedicationRequest (category as one object), another patient's data mixed in.
+@pytest.fixture(scope="module")
+def real_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from lbp_cds import create_app
+    from lbp_cds.config import Settings
+    from tests.conftest import validate_responses
+
+    tmp = tmp_path_factory.mktemp("lenient")
+    clock: dict[str, datetime] = {}
+    app = create_app(Settings(dev=True, database_url=f"sqlite:///{tmp}/s.sqlite3"),
+                     clock=lambda: clock["now"])
+    app.config["clock"] = clock
+    validate_responses(app)
+    yield app
+    app.extensions["lbp_cds"].store.engine.dispose()
+
+
+def call_real(app: Any, service_id: str, body: dict[str, Any], now: datetime) -> Any:
+    app.config["clock"]["now"] = now
+    return app.test_client().post(f"/cds-services/{service_id}", json=body)
+
+
+def rules_of(resp: Any) -> dict[str, str]:
+    return {c["extension"]["org.lbp-cds.rule"]["ruleId"]: c["indicator"]
+            for c in resp.json["cards"]}
+
+
+def test_a_dstu2_aneurysm_record_gives_the_critical_aneurysm_card(real_app):
+    """Known AAA (I71.4x) with new back pain: critical AAA-1, not conservative care."""
+    service_id, body, now = scenario_body("aaa-known-aneurysm-hypotension", dstu2_record)
+    assert all("patient" in e["resource"]
+               for e in body["prefetch"]["conditions"]["entry"])  # really DSTU2-shaped
+    resp = call_real(real_app, service_id, body, now)
+    assert resp.status_code == 200, resp.json
+    assert rules_of(resp).get("AAA-1") == "critical"
+    assert "CC-1" not in rules_of(resp)
+
+
+def test_an_unreadable_aneurysm_condition_is_named_never_ruled_out(real_app):
+    service_id, body, now = scenario_body("aaa-known-aneurysm-hypotension", unreadable_aneurysm)
+    resp = call_real(real_app, service_id, body, now)
+    assert resp.status_code == 200, resp.json
+    cards = {c["extension"]["org.lbp-cds.rule"]["ruleId"]: c for c in resp.json["cards"]}
+    assert "AAA-1" not in cards  # its Condition could not be read
+    if "CC-1" in cards:
+        detail = cards["CC-1"]["detail"]
+        checked = detail.split("**Could not be checked**")[1]
+        assert "Known aortic aneurysm: 1 Condition could not be read" in checked
+
+
+@pytest.mark.parametrize(("name", "bend", "rule", "indicator"), [
+    ("opi-oxycodone-chronic-sciatica", sandbox_draft, "OPI-1", "warning"),
+    ("opi-oxycodone-chronic-sciatica", sandbox_record_opioid, "OPI-1", "warning"),
+    ("ster-methylprednisolone-dose-pack", sandbox_draft, "STER-1", "warning"),
+], ids=["opioid-draft-order-sign", "opioid-record-patient-view", "steroid-draft-order-sign"])
+def test_a_sandbox_medication_request_with_category_as_an_object_gets_its_drug_card(
+        real_app, name, bend, rule, indicator):
+    service_id, body, now = scenario_body(name, bend)
+    orders = [e["resource"] for e in body["context"].get("draftOrders", {}).get("entry", [])]
+    record = [e["resource"] for e in body["prefetch"]["medications"]["entry"]]
+    assert any(isinstance(r.get("category"), dict) for r in orders + record)
+    resp = call_real(real_app, service_id, body, now)
+    assert resp.status_code == 200, resp.json
+    assert rules_of(resp).get(rule) == indicator
+
+
+def test_another_patients_resources_are_left_out_and_named_on_the_cards(real_app, caplog):
+    service_id, body, now = scenario_body("cc-startback-high", stranger_observation)
+    caplog.set_level("WARNING")
+    resp = call_real(real_app, service_id, body, now)
+    assert resp.status_code == 200, resp.json
+    cards = {c["extension"]["org.lbp-cds.rule"]["ruleId"]: c for c in resp.json["cards"]}
+    assert "INF-1" not in cards  # the stranger's fever is not this patient's
+    assert "CC-1" in cards
+    assert "1 Observation named another patient and was left out" in cards["CC-1"]["detail"]
+    assert "someone-else" not in caplog.text
+
+
+def test_a_patient_resource_of_another_patient_is_412(real_app):
+    service_id, body, now = scenario_body("cc-startback-high")
+    body["prefetch"]["patient"]["id"] = "someone-else"
+    resp = call_real(real_app, service_id, body, now)
+    assert resp.status_code == 412
+    assert outcome_locations(resp) == ["prefetch.patient"]
+    assert "another patient" in resp.json["issue"][0]["diagnostics"]
+
+
+def test_conditions_none_of_which_can_be_read_are_412(real_app):
+    def unreadable(sc: Scenario) -> Scenario:
+        return replace(sc, resources=[
+            {**r, "modifierExtension": 1} if r["resourceType"] == "Condition" else r
+            for r in sc.resources])
+
+    service_id, body, now = scenario_body("cc-startback-high", unreadable)
+    resp = call_real(real_app, service_id, body, now)
+    assert resp.status_code == 412
+    assert outcome_locations(resp) == ["prefetch.conditions"]
+    assert "could be read" in resp.json["issue"][0]["diagnostics"]

@@ -250,7 +250,9 @@ def test_resources_of_another_patient_are_dropped(service):
     assert record.count("Condition") == 1
 
 
-def test_unparsable_resources_are_skipped_and_counted(service):
+def test_an_element_that_cannot_be_read_is_left_out_by_its_location(service):
+    """One bad element no longer costs the resource: it is left out (pydantic's error location
+    names it), counted, and the facts handed the resource are told what they lost."""
     from lbp_cds.knowledge import load as load_pack
 
     bad = condition("M54.42", rid="c2")
@@ -259,8 +261,12 @@ def test_unparsable_resources_are_skipped_and_counted(service):
         condition("M54.41"), bad), "observations": None, "medications": None,
         "questionnaireResponses": None})
     vs = load_pack(MINI).valueset("lbp")
-    assert len(record.coded("Condition", vs)) == 1
-    assert record.parse_failures["Condition"] == 1
+    read = record.coded("Condition", vs)
+    assert [c.id for c in read] == ["c1", "c2"] and read[1].onsetDateTime is None
+    assert read[1].code.coding[0].code == "M54.42"
+    assert record.parse_failures["Condition"] == 0
+    assert record.dropped == {"Condition": {"onsetDateTime": 1}}
+    assert [(f.noun, f.lost) for f in record.misses] == [("Condition", ("onsetDateTime",))]
 
 
 def test_the_token_never_reaches_the_logs(service, fhir, caplog):
@@ -342,7 +348,160 @@ def test_the_patient_is_parsed_as_the_elements_rules_read():
     # The sex parameter for clinical use is kept and wins over gender.
     assert sex(context(record), {"is": "female"}).status == "present"
     assert record.patient.telecom is None and record.patient.name is None
-    # What is read is still validated: a birth date that is not a date leaves age unknown.
+    # What is read is still validated: a birth date that is not a date leaves age unknown, and
+    # is left out (sex is still read), and the answer says why.
     bad = record_from_resources("p1", [{**person, "birthDate": "1970-13-45"}])
-    assert age(context(bad), {"op": "ge", "value": 56}).status == "unknown"
-    assert bad.parse_failures["Patient"] == 1
+    from lbp_cds.facts import FACTS, evaluate_fact
+
+    unknown_age = evaluate_fact(FACTS["age"].fn, context(bad),
+                                {"op": "ge", "value": 56, "label": "age"})
+    assert unknown_age.status == "unknown"
+    assert "age: birthDate of 1 Patient could not be read" in unknown_age.unknown
+    assert bad.dropped["Patient"]["birthDate"] == 1 and bad.parse_failures["Patient"] == 0
+    assert sex(context(bad), {"is": "female"}).status == "present"
+
+
+# -- reading leniently ---------------------------------------------------------------------------
+def _dstu2_condition(code: str, rid: str, system: str = "http://hl7.org/fhir/sid/icd-10-cm",
+                     pid: str = "p1") -> dict[str, Any]:
+    """A Condition as a DSTU2 server writes it: ``patient``, string statuses, ``dateRecorded``,
+    one category object."""
+    return {"resourceType": "Condition", "id": rid, "patient": {"reference": f"Patient/{pid}"},
+            "code": {"coding": [{"system": system, "code": code}]},
+            "category": {"coding": [{"system": "http://hl7.org/fhir/condition-category",
+                                     "code": "diagnosis"}]},
+            "clinicalStatus": "active", "verificationStatus": "confirmed",
+            "onsetDateTime": "2026-02-20", "dateRecorded": "2026-02-21"}
+
+
+def test_a_category_sent_as_an_object_is_wrapped_in_a_list():
+    """The HL7 CDS Hooks Sandbox sends MedicationRequest.category as one object: the order is
+    read, not discarded, and the raw resource is left as it came (suggestions copy it)."""
+    from lbp_cds.fhir_data import record_from_resources
+    from tests.builders import medication
+
+    sandbox = medication("1049621", rid="m1", status="draft")
+    sandbox["category"] = {"coding": [{
+        "system": "http://terminology.hl7.org/CodeSystem/medicationrequest-category",
+        "code": "outpatient"}]}
+    record = record_from_resources("p1", [patient()], draft_orders=[sandbox])
+    [order] = record.draft_orders()
+    assert order.category[0].coding[0].code == "outpatient"
+    assert order.medicationCodeableConcept.coding[0].code == "1049621"
+    assert record.repaired["MedicationRequest"] == 1 and not record.parse_failures
+    assert record.misses == []  # nothing a fact reads was lost
+    assert isinstance(sandbox["category"], dict)
+
+
+def test_a_dstu2_condition_is_read_as_r4():
+    from lbp_cds.fhir_data import (
+        CONDITION_CLINICAL,
+        CONDITION_VER_STATUS,
+        record_from_resources,
+    )
+
+    old = _dstu2_condition("I71.40", "aaa")
+    record = record_from_resources("p1", [patient(), old])
+    [c] = record.all("Condition")
+    assert c.subject.reference == "Patient/p1"
+    assert (c.clinicalStatus.coding[0].system, c.clinicalStatus.coding[0].code) == (
+        CONDITION_CLINICAL, "active")
+    assert (c.verificationStatus.coding[0].system, c.verificationStatus.coding[0].code) == (
+        CONDITION_VER_STATUS, "confirmed")
+    assert str(c.recordedDate) == "2026-02-21" and c.category[0].coding[0].code == "diagnosis"
+    assert record.repaired["Condition"] == 1 and not record.dropped and not record.misses
+    # A status DSTU2 did not have is left out, and the facts handed the Condition are told.
+    odd = {**_dstu2_condition("I71.40", "aaa2"), "clinicalStatus": "hmm"}
+    record = record_from_resources("p1", [patient(), odd])
+    assert record.all("Condition")[0].clinicalStatus is None
+    assert [(f.noun, f.lost) for f in record.misses] == [("Condition", ("clinicalStatus",))]
+
+
+def test_an_unreadable_resource_makes_a_fact_unknown_not_absent():
+    """The code index sees the codes of a resource that then cannot be read: the fact that asks
+    for them answers unknown and says how many could not be read."""
+    from lbp_cds.facts import FACTS, Context, evaluate_fact
+    from lbp_cds.fhir_data import record_from_resources
+    from tests.conftest import NOW
+
+    pack = knowledge.load(MINI)
+    ces = condition("G83.4", rid="ces")
+    ces["modifierExtension"] = [{"url": 7}]  # a modifier cannot be left out: unreadable
+    record = record_from_resources("p1", [patient(), condition("M54.41"), ces])
+    ctx = Context(record=record, knowledge=pack, now=NOW, hook="patient-view")
+    args = {"valueset": pack.valueset("ces"), "label": "cauda equina"}
+    result = evaluate_fact(FACTS["condition"].fn, ctx, args)
+    assert result.status == "unknown"
+    assert result.unknown == ("cauda equina: 1 Condition could not be read",)
+    assert record.parse_failures["Condition"] == 1
+    # Without the unreadable one, the same question is answered absent.
+    clean = record_from_resources("p1", [patient(), condition("M54.41")])
+    ctx = Context(record=clean, knowledge=pack, now=NOW, hook="patient-view")
+    assert evaluate_fact(FACTS["condition"].fn, ctx, args).status == "absent"
+
+
+def test_another_fhir_version_that_cannot_be_mapped_is_unreadable():
+    from lbp_cds.fhir_data import read_leniently
+    from pydantic import ValidationError
+
+    from fhir.resources.R4B import get_fhir_model_class
+
+    no_status = observation("8310-5", 38.0)
+    del no_status["status"]  # required in R4: nothing to leave out that would make it readable
+    try:
+        get_fhir_model_class("Observation").model_validate(no_status)
+    except ValidationError as exc:
+        assert read_leniently(no_status, exc).model is None
+    from lbp_cds.fhir_data import record_from_resources
+
+    order = {"resourceType": "MedicationOrder", "id": "m", "patient": {"reference": "Patient/p1"}}
+    record = record_from_resources("p1", [patient()], draft_orders=[order])
+    assert record.draft_orders() == [] and record.parse_failures["MedicationOrder"] == 1
+
+
+def _prefetch(*conditions: dict[str, Any], person: dict[str, Any] | None = None,
+              observations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"patient": person or patient(), "conditions": bundle(*conditions),
+            "observations": bundle(*(observations or [])), "medications": None,
+            "questionnaireResponses": None}
+
+
+def test_required_data_all_unreadable_is_412_naming_the_key(service):
+    bad = condition("M54.41")
+    bad["modifierExtension"] = "x"
+    with pytest.raises(PreconditionFailed) as err:
+        load(service, None, _prefetch(bad))
+    [issue] = err.value.issues
+    assert issue.location == "prefetch.conditions" and "could be read" in issue.message
+    # One readable Condition beside it is enough: the other is named on the cards instead.
+    record = load(service, None, _prefetch(bad, condition("M54.42", rid="c2")))
+    assert record.parse_failures["Condition"] == 1
+
+
+def test_a_patient_resource_of_another_patient_is_412(service):
+    with pytest.raises(PreconditionFailed) as err:
+        load(service, None, _prefetch(condition("M54.41"), person=patient(pid="someone-else")))
+    assert [i.location for i in err.value.issues] == ["prefetch.patient"]
+    assert "another patient" in err.value.issues[0].message
+
+
+def test_required_resources_all_of_another_patient_is_412(service, caplog):
+    stranger = condition("M54.41")
+    stranger["subject"] = {"reference": "Patient/someone-else"}
+    caplog.set_level("WARNING")
+    with pytest.raises(PreconditionFailed) as err:
+        load(service, None, _prefetch(stranger))
+    assert [i.location for i in err.value.issues] == ["prefetch.conditions"]
+    assert "someone-else" not in caplog.text and "M54.41" not in caplog.text
+    assert any(getattr(r, "dropped", None) == {"Condition": 1} for r in caplog.records)
+
+
+def test_other_patients_resources_are_left_out_and_their_type_is_unavailable(service):
+    stranger = observation("8310-5", 39.5, rid="o9")
+    stranger["subject"] = {"reference": "Patient/someone-else"}
+    record = load(service, None, _prefetch(condition("M54.41"), observations=[
+        stranger, observation("8310-5", 36.8)]))
+    assert record.count("Observation") == 1 and record.other_patient == {"Observation": 1}
+    assert not record.available("Observation")
+    assert record.missing_reason("Observation") == (
+        "1 Observation named another patient and was left out")

@@ -431,17 +431,26 @@ def test_load_record_from_arbitrary_prefetch_never_raises(
 
 
 def test_malformed_resources_are_skipped_and_counted(fuzz_app: Flask) -> None:
-    """The deterministic case behind the properties: a fever observation that is not valid FHIR
-    (its subject is a string, not a Reference) is skipped and counted; a valid one beside it
-    still fires the rule."""
+    """The deterministic case behind the properties: a fever observation that cannot be read even
+    leniently (a modifier extension that is not one: leaving it out would change the meaning) is
+    skipped, counted and named on the card; a valid one beside it still fires the rule."""
     bad = observation("8310-5", 39.0, rid="bad")
-    bad["subject"] = "Patient/p1"
+    bad["modifierExtension"] = "not an extension"
     items = [patient(), condition("M54.41"), bad, observation("8310-5", 38.6, rid="good")]
     record = record_from_resources("p1", items)
     rt: api.Runtime = fuzz_app.extensions["lbp_cds"]
     service = rt.knowledge.services_with_id("mini-triage")[0]
     matches = rt.engine.evaluate(service, record, NOW)
-    assert "FEV" in {m.rule.id for m in matches}
+    fever = next(m for m in matches if m.rule.id == "FEV")
+    assert any("1 Observation could not be read" in u for u in fever.not_checked)
     assert record.parse_failures["Observation"] == 1
     assert [o.id for o in record.all("Observation")] == ["good"]
+
+
+def test_a_subject_sent_as_a_string_is_read_as_a_reference() -> None:
+    bad = observation("8310-5", 39.0, rid="bad")
+    bad["subject"] = "Patient/p1"
+    record = record_from_resources("p1", [patient(), bad])
+    assert [o.subject.reference for o in record.all("Observation")] == ["Patient/p1"]
+    assert record.repaired["Observation"] == 1 and record.parse_failures["Observation"] == 0
 

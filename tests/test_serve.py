@@ -121,3 +121,43 @@ def test_workers_serve_large_bodies_without_faulting_in_fresh_memory(
         list(pool.map(call, range(40)))
     per_call = (minor_faults() - before) / 40
     assert per_call < 60, f"{per_call} minor page faults per call"
+
+
+def test_records_as_real_clients_send_them_are_read_under_gunicorn(
+        service_server: ServerFactory) -> None:
+    """The real knowledge pack under ``lbp-cds serve``: a DSTU2 server's aneurysm record gives
+    the critical aneurysm card, the CDS Hooks Sandbox's opioid order (category as one object)
+    its drug card, and another patient's Observation mixed into the prefetch is left out and
+    named on the card; the JSON log says how many, never what."""
+    from datetime import datetime, timezone
+
+    from tests.builders import (
+        REAL_PACK,
+        dstu2_record,
+        sandbox_draft,
+        sandbox_record_opioid,
+        scenario_body,
+        stranger_observation,
+    )
+
+    server = service_server(env={"LBP_CDS_KNOWLEDGE_DIR": str(REAL_PACK)}, args=["--dev"])
+    today = datetime.now(timezone.utc)
+    cases = [("aaa-known-aneurysm-hypotension", dstu2_record, "AAA-1", "critical"),
+             ("opi-oxycodone-chronic-sciatica", sandbox_draft, "OPI-1", "warning"),
+             ("opi-oxycodone-chronic-sciatica", sandbox_record_opioid, "OPI-1", "warning"),
+             ("cc-startback-high", stranger_observation, "CC-1", "info")]
+    with requests.Session() as http:
+        for name, bend, rule, indicator in cases:
+            service_id, body, _now = scenario_body(name, bend, now=today)
+            resp = http.post(server.url(f"/cds-services/{service_id}"), json=body, timeout=30)
+            assert resp.status_code == 200, (name, resp.text[:500])
+            cards = {c["extension"]["org.lbp-cds.rule"]["ruleId"]: c
+                     for c in resp.json()["cards"]}
+            assert cards.get(rule, {}).get("indicator") == indicator, (name, sorted(cards))
+            assert "CC-1" not in cards or rule == "CC-1"
+            if name == "cc-startback-high":
+                assert "1 Observation named another patient and was left out" in \
+                    cards["CC-1"]["detail"]
+    log = server.log_text()
+    assert '"dropped": {"Observation": 1}' in log
+    assert "someone-else" not in log and "Lawson" not in log

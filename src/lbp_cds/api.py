@@ -247,6 +247,11 @@ def evaluate(rt: Runtime, service: Service, req: hooks.HookRequest, record: Pati
     )
     for rtype, n in record.parse_failures.items():
         observability.PARSE_FAILURES.labels(rtype).inc(n)
+    if record.parse_failures or record.dropped:
+        # Types, element names and counts only: never content or ids.
+        log.warning("read leniently", extra={
+            "unreadable": dict(record.parse_failures),
+            "dropped_elements": {t: dict(c) for t, c in record.dropped.items()}})
     return cards.render(matches, rt.knowledge, cc)
 
 

@@ -1,7 +1,10 @@
 """The vocabulary rules may use: small pure functions over a ``PatientRecord``.
 
 Each fact answers **present** (with the evidence that shows it), **absent** (the data were there
-and say no) or **unknown** (the data were not there). Unknown is never absent. Every number and
+and say no) or **unknown** (the data were not there). Unknown is never absent: a fact handed a
+resource that could not be read, or was read without an element facts read, cannot answer absent
+(``evaluate_fact``, through which the engine calls every fact, makes it unknown and names the
+resources, as an unavailable query is named). Every number and
 code a fact compares against comes from its arguments, that is from the knowledge pack; the only
 vocabulary here is FHIR's own (statuses, interpretation flags, units).
 
@@ -18,7 +21,7 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-from lbp_cds.fhir_data import SEX_EXTENSION, PatientRecord, as_list
+from lbp_cds.fhir_data import SEX_EXTENSION, Flaw, PatientRecord, as_list, plural
 from lbp_cds.knowledge import Knowledge, ValueSet
 
 PRESENT, ABSENT, UNKNOWN = "present", "absent", "unknown"
@@ -237,10 +240,8 @@ def problem_entries(ctx: Context, vs: ValueSet, status: str = "active") -> list[
         vs: the value set.
         status: the rule's ``status`` argument (used only without a problem-list entry).
     """
-    key = ("problem", vs.id, status)
-    cached = ctx.cache.get(key)
-    if cached is not None:
-        return cached  # type: ignore[no-any-return]
+    # Not cached per call: reading the entries again is what tells evaluate_fact (through
+    # PatientRecord.misses) that an entry could not be read, for every fact that asks.
     cur = ctx.knowledge.currency(vs.id)
     counts = cur.counts if cur is not None else ("ever" if status == "any" else "current")
     window = since(ctx, ctx.knowledge.param(cur.within_days)) \
@@ -265,7 +266,6 @@ def problem_entries(ctx: Context, vs: ValueSet, status: str = "active") -> list[
                 words = f"{clinical or 'abated'} (a history counts)"
             out.append(Entry(c, when, words if when is not None or counts != "recent"
                              else f"{words}, undated"))
-    ctx.cache[key] = out
     return out
 
 
@@ -295,6 +295,49 @@ def _dates_of(ctx: Context, valuesets: tuple[str, ...]) -> list[datetime]:
                 and (d := as_datetime(p.performedDateTime) or as_datetime(
                     p.performedPeriod.start if p.performedPeriod else None)) is not None]
     return out
+
+
+def unreadable_reason(label: str, noun: str, count: int) -> str:
+    """What a card says of resources a fact was handed and could not read."""
+    return f"{label}: {count} {plural(noun, count)} could not be read"
+
+
+def flaw_reasons(label: str, flaws: Iterable[Flaw]) -> tuple[str, ...]:
+    """The unknowns that flawed resources handed to a fact add to its answer, grouped: how many
+    of each type could not be read, and which elements of how many were left out."""
+    unread: dict[str, int] = {}
+    lost: dict[tuple[str, tuple[str, ...]], int] = {}
+    for flaw in flaws:
+        if flaw.unreadable:
+            unread[flaw.noun] = unread.get(flaw.noun, 0) + 1
+        else:
+            lost[(flaw.noun, flaw.lost)] = lost.get((flaw.noun, flaw.lost), 0) + 1
+    reasons = [unreadable_reason(label, noun, n) for noun, n in unread.items()]
+    reasons += [f"{label}: {' and '.join(elements)} of {n} {plural(noun, n)} could not be read"
+                for (noun, elements), n in lost.items()]
+    return tuple(reasons)
+
+
+def evaluate_fact(fn: Callable[[Context, dict[str, Any]], Result], ctx: Context,
+                  a: dict[str, Any]) -> Result:
+    """A fact's answer, with what it could not read made part of it.
+
+    Resources handed to the fact that could not be read, or were read without an element facts
+    read (``PatientRecord.misses``, logged as the fact runs), are named among its unknowns; an
+    answer of absent then becomes unknown: what could not be read might have said yes.
+    """
+    misses = ctx.record.misses
+    mark = len(misses)
+    result = fn(ctx, a)
+    if len(misses) == mark:
+        return result
+    flaws = list({id(f): f for f in misses[mark:]}.values())  # one per resource (equal flaws
+    # of two resources are two objects; one resource's flaw is one object, logged each time)
+    del misses[mark:]
+    label = str(a.get("label") or "")
+    unknown = tuple(dict.fromkeys(result.unknown + flaw_reasons(label, flaws)))
+    status = UNKNOWN if result.status == ABSENT else result.status
+    return Result(status, result.evidence, unknown, result.ask, result.value)
 
 
 # -- the facts ----------------------------------------------------------------------------------
@@ -487,8 +530,7 @@ def _screen(ctx: Context, a: dict[str, Any], keep: Callable[[dict[str, Any]], bo
 
 
 def _unreadable(a: dict[str, Any], count: int) -> Result:
-    return Result.not_known(f"{a['label']}: {count} result(s) could not be read (not valid "
-                            "FHIR R4)")
+    return Result.not_known(unreadable_reason(a["label"], "Observation", count))
 
 
 def observation_value(ctx: Context, a: dict[str, Any]) -> Result:
@@ -814,7 +856,11 @@ def prior_imaging(ctx: Context, a: dict[str, Any]) -> Result:
 # -- intake questionnaire -----------------------------------------------------------------------
 def _responses(ctx: Context) -> list[Any]:
     key = "responses"
-    if key not in ctx.cache:
+    if key in ctx.cache:
+        # Responses that could not be read are named by every fact that reads the responses.
+        ctx.record.misses.extend(ctx.cache["responses-flaws"])
+    else:
+        mark = len(ctx.record.misses)
         url = ctx.knowledge.questionnaire_url
         found = [qr for qr in ctx.record.all("QuestionnaireResponse")
                  if (qr.questionnaire or "").split("|")[0] == url
@@ -822,6 +868,7 @@ def _responses(ctx: Context) -> list[Any]:
         found.sort(key=lambda qr: as_datetime(qr.authored) or datetime.min.replace(
             tzinfo=timezone.utc), reverse=True)
         ctx.cache[key] = found
+        ctx.cache["responses-flaws"] = ctx.record.misses[mark:]
     return list(ctx.cache[key])
 
 

@@ -3,7 +3,16 @@
 This is the only module that talks to a FHIR server or parses FHIR. Raw resources are indexed by
 code when the record is built; a resource is parsed with ``fhir.resources.R4B`` once, the first
 time a rule could use it (a record of thousands of resources costs only what the rules touch).
-A resource that fails to parse is skipped, counted, and reported by the facts that wanted it.
+
+Reading is lenient, and only after strict parsing failed (a valid resource costs what it always
+did). Known client bends are repaired (a single object where FHIR wants an array; a DSTU2/STU3
+Condition's ``patient``, string statuses and ``dateRecorded``), then elements that still fail are
+left out, by pydantic's error locations, and the rest is read (``read_leniently``). A resource
+that cannot be read even so is *unreadable*, counted per type. Neither is silent: every resource
+handed to a fact with a flaw (unreadable, or read without an element a fact reads) is logged in
+``PatientRecord.misses``, and the fact's answer then says so (``facts.evaluate_fact``): an absent
+becomes unknown, and the card lists it under "Could not be checked". Resources that name another
+patient are left out and make their type unavailable, with the reason.
 
 Prefetch semantics (CDS Hooks 2.0 §Prefetch): a key sent as ``null`` means "no data"; a missing
 key or one holding an OperationOutcome is fetched from ``fhirServer`` with the bearer token from
@@ -13,6 +22,8 @@ a page budget. The access token is never logged.
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import re
 import time
@@ -22,7 +33,7 @@ from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import orjson
@@ -84,6 +95,11 @@ class PatientRecord:
         draft_orders: raw draft orders of the hook context (order-select / order-sign).
         statuses: what became of each prefetch key (for logs, metrics and tests).
         universe: the codes the knowledge can ask for (others are not indexed); None indexes all.
+
+    What could not be read is kept per type: ``parse_failures`` (unreadable resources),
+    ``dropped`` (elements left out of resources read leniently), ``repaired`` (resources read after
+    a repair) and ``other_patient`` (resources left out because they name another patient).
+    ``misses`` logs each flawed resource handed to a fact (``Flaw``), for the fact to report.
     """
 
     def __init__(
@@ -99,13 +115,19 @@ class PatientRecord:
         self._raw = resources
         self.unavailable = dict(unavailable or {})
         self.statuses = statuses or []
-        self.parse_failures: Counter[str] = Counter()
+        self.parse_failures: Counter[str] = Counter()  # unreadable, per type
+        self.dropped: dict[str, Counter[str]] = {}  # type -> element left out -> resources
+        self.repaired: Counter[str] = Counter()
+        self.other_patient: Counter[str] = Counter()
+        self.misses: list[Flaw] = []
+        self._flaws: dict[int, Flaw] = {}  # by id() of the raw resource, like _parsed
         self._parsed: dict[int, Any] = {}
         self._code_index: dict[str, dict[tuple[str, str], list[int]]] = {}
         self._vs_cache: dict[tuple[str, str], _Hits] = {}
         self._draft_raw = list(draft_orders or [])
         self._dates: dict[str, list[Any]] = {}  # by type, by position; _UNDATED until read
         self._patient: Any = _UNDATED
+        self._patient_key = 0
         self._sources: list[dict[str, Any]] = []
         exact = universe.exact if universe is not None else None
         prefixed = universe.prefixed_systems if universe is not None else frozenset()
@@ -156,21 +178,25 @@ class PatientRecord:
         millisecond to validate on every call. The projection is validated as a Patient; an
         invalid element outside it no longer makes age and sex unknown.
         """
-        if self._patient is _UNDATED:
-            self._patient = None
-            for pos in range(self.count("Patient")):
-                raw = self._item("Patient", pos)
-                if type(raw) is not dict:
-                    continue
-                projection = {k: v for k, v in raw.items() if k in PATIENT_ELEMENTS}
-                if isinstance(projection.get("extension"), list):
-                    projection["extension"] = [
-                        e for e in projection["extension"]
-                        if not isinstance(e, dict) or e.get("url") in PATIENT_EXTENSIONS]
-                self._sources.append(projection)  # _parse_one caches by id(): keep it alive
-                self._patient = self._parse_one("Patient", pos, projection)
-                if self._patient is not None:
-                    break
+        if self._patient is not _UNDATED:
+            if self._flaws and self._patient_key in self._flaws:
+                self.misses.append(self._flaws[self._patient_key])
+            return self._patient
+        self._patient = None
+        for pos in range(self.count("Patient")):
+            raw = self._item("Patient", pos)
+            if type(raw) is not dict:
+                continue
+            projection = {k: v for k, v in raw.items() if k in PATIENT_ELEMENTS}
+            if isinstance(projection.get("extension"), list):
+                projection["extension"] = [
+                    e for e in projection["extension"]
+                    if not isinstance(e, dict) or e.get("url") in PATIENT_EXTENSIONS]
+            self._sources.append(projection)  # _parse_one caches by id(): keep it alive
+            self._patient_key = id(projection)
+            self._patient = self._parse_one("Patient", pos, projection)
+            if self._patient is not None:
+                break
         return self._patient
 
     def all(self, resource_type: str) -> list[Any]:
@@ -270,16 +296,50 @@ class PatientRecord:
     def _parse_one(self, bucket: str, pos: int, raw: dict[str, Any]) -> Any | None:
         key = id(raw)
         if key in self._parsed:
+            if self._flaws and key in self._flaws:
+                self.misses.append(self._flaws[key])
             return self._parsed[key]
+        model: Any | None
         try:
             model = get_fhir_model_class(raw["resourceType"]).model_validate(raw)
         except (ValidationError, KeyError, ValueError, TypeError, RecursionError) as exc:
-            self.parse_failures[str(raw.get("resourceType", bucket))] += 1
-            log.info("skipped an unparsable resource",
-                     extra={"resource_type": raw.get("resourceType"), "error": type(exc).__name__})
-            model = None
+            model = self._read_leniently(bucket, key, raw, exc)
         self._parsed[key] = model
         return model
+
+    def _read_leniently(self, bucket: str, key: int, raw: dict[str, Any], exc: Exception
+                        ) -> Any | None:
+        """The resource read leniently (or None, unreadable), its flaws counted and logged."""
+        rtype = raw.get("resourceType") if type(raw) is dict else None
+        name = rtype if isinstance(rtype, str) else bucket
+        reading = read_leniently(raw, exc) if isinstance(exc, ValidationError) \
+            and type(raw) is dict else Reading(None)
+        noun = f"draft {name}" if bucket == "draft" else name
+        if reading.model is None:
+            self.parse_failures[name] += 1
+            flaw = self._flaws[key] = Flaw(noun)
+            self.misses.append(flaw)
+            return None
+        if reading.repaired:
+            self.repaired[name] += 1
+        if reading.dropped:
+            counts = self.dropped.setdefault(name, Counter())
+            counts.update(reading.dropped)
+            lost = tuple(e for e in reading.dropped if e in READ_ELEMENTS.get(name, ()))
+            if lost:
+                flaw = self._flaws[key] = Flaw(noun, lost)
+                self.misses.append(flaw)
+        return reading.model
+
+    def readable(self, resource_type: str) -> bool:
+        """Tell whether at least one resource of the type can be read (True when there is none).
+
+        Stops at the first that can: on a sound record, that costs one parse, reused later.
+        """
+        if resource_type == "Patient":
+            return self.count("Patient") == 0 or self.patient is not None
+        return not self.count(resource_type) or any(
+            self.parse(resource_type, pos) is not None for pos in range(self.count(resource_type)))
 
 
 _UNDATED = object()
@@ -335,7 +395,9 @@ def _raw_codings(resource_type: str, raw: dict[str, Any]) -> list[tuple[str, str
             if type(cc) is not dict:
                 continue
             codings = cc.get("coding")
-            if type(codings) is not list:
+            if type(codings) is dict:
+                codings = [codings]  # one coding sent as an object: read leniently too
+            elif type(codings) is not list:
                 continue
             for coding in codings:
                 if type(coding) is dict:
@@ -376,6 +438,204 @@ def parse_datetime(text: str) -> datetime | None:
     except ValueError:
         return None
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+# -- reading leniently --------------------------------------------------------------------------
+# The elements facts read, per type. A resource read without one of them (it had to be left out)
+# is reported by the facts handed it; other elements are left out quietly (counted for the logs).
+READ_ELEMENTS: dict[str, frozenset[str]] = {
+    "Patient": frozenset({"birthDate", "gender", "extension"}),
+    "Condition": frozenset({
+        "code", "clinicalStatus", "verificationStatus", "category", "onsetDateTime",
+        "onsetPeriod", "onsetAge", "onsetString", "recordedDate", "abatementDateTime",
+        "abatementPeriod", "abatementAge", "abatementRange", "abatementString"}),
+    "Observation": frozenset({
+        "code", "status", "valueQuantity", "valueCodeableConcept", "valueBoolean",
+        "valueString", "component", "interpretation", "referenceRange", "effectiveDateTime",
+        "effectiveInstant", "effectivePeriod", "issued"}),
+    "MedicationRequest": frozenset({
+        "status", "medicationCodeableConcept", "authoredOn", "dispenseRequest",
+        "dosageInstruction", "reasonCode", "reasonReference"}),
+    "Procedure": frozenset({"code", "status", "performedDateTime", "performedPeriod"}),
+    "ServiceRequest": frozenset({"code", "status", "authoredOn", "occurrenceDateTime",
+                                 "reasonCode", "reasonReference"}),
+    "ImagingStudy": frozenset({"procedureCode", "started"}),
+    "DiagnosticReport": frozenset({"code", "status", "effectiveDateTime", "effectivePeriod",
+                                   "issued"}),
+    "QuestionnaireResponse": frozenset({"questionnaire", "status", "authored", "item"}),
+}
+# Never left out: without them the rest means something else (a modifier extension, the rules
+# the resource was written under) or there is nothing left to match on (the coded elements the
+# record indexes, ``CODE_PATHS``). A resource that cannot be read with them is unreadable.
+KEPT_ELEMENTS = frozenset({"resourceType", "modifierExtension", "implicitRules"})
+CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+CONDITION_VER_STATUS = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+# DSTU2 and STU3 status codes as R4 codes (STU3's 'unknown' verification became 'unconfirmed').
+_CLINICAL_CODES = {c: c for c in ("active", "recurrence", "relapse", "inactive", "remission",
+                                  "resolved")}
+_VERIFICATION_CODES = {c: c for c in ("unconfirmed", "provisional", "differential", "confirmed",
+                                      "refuted", "entered-in-error")} | {"unknown": "unconfirmed"}
+# Elements renamed since DSTU2 / STU3: old name -> R4 name, per type.
+_RENAMED: dict[str, dict[str, str]] = {
+    "Condition": {"patient": "subject", "dateRecorded": "recordedDate",
+                  "assertedDate": "recordedDate", "context": "encounter"},
+    "MedicationRequest": {"context": "encounter"},
+    "Procedure": {"context": "encounter"},
+    "ServiceRequest": {"context": "encounter"},
+}
+# Elements a client may send as a bare "Type/id" string rather than a Reference.
+_REFERENCE_ELEMENTS = frozenset({"subject", "patient", "encounter", "asserter", "recorder",
+                                 "requester"})
+_MISSING_ERRORS = frozenset({"missing", "model_field_validation.missing"})
+# How an element R4 does not define is counted: its name is the caller's text, which must not
+# reach logs or metrics (it could be anything, a patient's name included).
+NOT_R4 = "(not an R4 element)"
+_ROUNDS = 4
+
+
+class Flaw(NamedTuple):
+    """A resource handed to a fact that could not be read as sent.
+
+    ``noun`` names it for a card ("Condition", "draft MedicationRequest"); ``lost`` holds the
+    elements facts read that had to be left out; empty when the resource could not be read at all.
+    """
+
+    noun: str
+    lost: tuple[str, ...] = ()
+
+    @property
+    def unreadable(self) -> bool:
+        return not self.lost
+
+
+class Reading(NamedTuple):
+    """What lenient reading made of a resource: the model (None: unreadable), the top-level
+    elements left out, and those repaired."""
+
+    model: Any | None
+    dropped: tuple[str, ...] = ()
+    repaired: tuple[str, ...] = ()
+
+
+def read_leniently(raw: dict[str, Any], error: ValidationError) -> Reading:
+    """Read a resource that failed strict validation, as much of it as can be read.
+
+    Each round takes the errors' locations: a known bend at that element is repaired (an object
+    where FHIR wants an array is wrapped; a DSTU2/STU3 element is renamed or recoded), anything
+    else that fails is left out, and the rest is validated again. Called only after strict
+    parsing failed, so valid resources never pay for it.
+
+    Args:
+        raw: the resource as sent (not changed: repairs are made on a copy).
+        error: the strict validation's error.
+
+    Returns:
+        The reading; its model is None when the resource cannot be read (an error without a
+        location, a required element missing, or one of ``KEPT_ELEMENTS`` or the type's coded
+        elements failing).
+    """
+    rtype = raw.get("resourceType")
+    if not isinstance(rtype, str):
+        return Reading(None)
+    try:
+        cls = get_fhir_model_class(rtype)
+    except (KeyError, ValueError, TypeError):
+        return Reading(None)  # another FHIR version's type (DSTU2 MedicationOrder...)
+    kept = KEPT_ELEMENTS | {path[0] for path in CODE_PATHS.get(rtype, ())}
+    doc = dict(raw)
+    dropped: list[str] = []
+    repaired: list[str] = []
+    errors = error.errors()
+    for _round in range(_ROUNDS):
+        # Renames first: a renamed element fills what another error calls missing.
+        errors.sort(key=lambda e: e.get("type") != "extra_forbidden")
+        changed = False
+        for err in errors:
+            loc = tuple(err.get("loc") or ())
+            name = loc[0] if loc else None
+            if not isinstance(name, str):
+                return Reading(None)  # a whole-resource error (choice types...): nothing to drop
+            if err.get("type") in _MISSING_ERRORS:
+                if name in doc:
+                    continue  # filled by a rename of this round
+                return Reading(None)
+            if name not in doc:
+                continue  # left out or renamed earlier this round
+            if _repair(rtype, doc, name, loc, err):
+                repaired.append(name)
+            elif name in kept:
+                return Reading(None)
+            else:
+                del doc[name]
+                dropped.append(name if name in _element_names(cls) else NOT_R4)
+            changed = True
+        if not changed:
+            return Reading(None)
+        try:
+            return Reading(cls.model_validate(doc), tuple(dict.fromkeys(dropped)),
+                           tuple(dict.fromkeys(repaired)))
+        except ValidationError as exc:
+            errors = exc.errors()
+        except (KeyError, ValueError, TypeError, RecursionError):
+            return Reading(None)
+    return Reading(None)
+
+
+def _repair(rtype: str, doc: dict[str, Any], name: str, loc: tuple[Any, ...],
+            err: Any) -> bool:
+    """Repair a known bend at ``doc[name]`` in place (on a copy of the element); True if done."""
+    value = doc[name]
+    target = _RENAMED.get(rtype, {}).get(name)
+    if err.get("type") == "extra_forbidden" and target is not None:
+        del doc[name]
+        if target not in doc:
+            doc[target] = value
+        return True
+    if rtype == "Condition" and name in ("clinicalStatus", "verificationStatus") \
+            and isinstance(value, str):
+        table, system = (_CLINICAL_CODES, CONDITION_CLINICAL) if name == "clinicalStatus" \
+            else (_VERIFICATION_CODES, CONDITION_VER_STATUS)
+        code = table.get(value.strip().lower())
+        if code is None:
+            return False
+        doc[name] = {"coding": [{"system": system, "code": code}]}
+        return True
+    if rtype == "Condition" and name == "abatementBoolean" and isinstance(value, bool):
+        # DSTU2: true means the condition abated (R4 says so with any abatement[x]).
+        del doc[name]
+        if value and not any(k.startswith("abatement") for k in doc):
+            doc["abatementString"] = "abated"
+        return True
+    if name in _REFERENCE_ELEMENTS and isinstance(value, str) and "/" in value:
+        doc[name] = {"reference": value}
+        return True
+    if err.get("type") == "list_type":
+        # An object where FHIR wants an array, at any depth: wrap it.
+        element = copy.deepcopy(value)
+        holder: Any = {name: element}
+        node: Any = holder
+        for part in loc[:-1]:
+            node = node[part] if isinstance(node, dict | list) and _has(node, part) else None
+        last = loc[-1]
+        if node is None or not _has(node, last) or not isinstance(node[last], dict):
+            return False
+        node[last] = [node[last]]
+        doc[name] = holder[name]
+        return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _element_names(cls: Any) -> frozenset[str]:
+    """The JSON names of a model's elements (``status``, ``_status``...)."""
+    return frozenset(f.alias or n for n, f in cls.model_fields.items()) | frozenset(
+        cls.model_fields)
+
+
+def _has(node: Any, part: Any) -> bool:
+    if isinstance(node, dict):
+        return part in node
+    return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
 
 
 # -- building the record ----------------------------------------------------------------------
@@ -621,6 +881,17 @@ def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | N
     to_fetch: dict[str, tuple[str, str]] = {}
     patient_id = request.patient_id or ""
     can_fetch = not _cannot_fetch(request, fetcher, policy)
+    others: Counter[str] = Counter()  # by type: resources naming another patient
+    others_by_key: Counter[str] = Counter()
+    kept_by_key: Counter[str] = Counter()
+
+    def same_patient(key: str, items: list[Any]) -> list[Any]:
+        before = sum(others.values())
+        kept = _same_patient(items, patient_id, others)
+        others_by_key[key] += sum(others.values()) - before
+        kept_by_key[key] += len(kept)
+        return kept
+
     for key, template in service.prefetch.items():
         rtype = template_type(template)
         value = request.prefetch.get(key, _MISSING)
@@ -633,19 +904,19 @@ def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | N
             if can_fetch:
                 usable = None  # fetch the whole key ourselves rather than trust a cut-off list
             else:
-                kept = _same_patient(usable, patient_id)
+                kept = same_patient(key, usable)
                 resources.setdefault(rtype, []).extend(kept)
                 statuses.append(KeyStatus(key, rtype, "unavailable", reason=short,
                                           count=len(kept)))
                 continue
         if usable is not None and not next_url:
-            kept = _same_patient(usable, patient_id)
+            kept = same_patient(key, usable)
             resources.setdefault(rtype, []).extend(kept)
             statuses.append(KeyStatus(key, rtype, "prefetched", count=len(kept)))
             continue
         if usable is not None and next_url:
             # The EHR paged its prefetch: take what came, fetch the rest from the next link.
-            resources.setdefault(rtype, []).extend(_same_patient(usable, patient_id))
+            resources.setdefault(rtype, []).extend(same_patient(key, usable))
             to_fetch[key] = (next_url, rtype)
             continue
         url = resolve_template(template, request)
@@ -668,11 +939,11 @@ def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | N
             token = request.fhir_authorization.access_token if request.fhir_authorization else None
             deadline = time.monotonic() + policy.deadline
             fetched = fetcher.fetch_all(request.fhir_server, token, to_fetch, deadline)
-            for _key, (items, status) in fetched.items():
+            for key, (items, status) in fetched.items():
                 statuses.append(status)
                 if items is not None:
                     resources.setdefault(status.resource_type, []).extend(
-                        _same_patient(items, patient_id))
+                        same_patient(key, items))
     total = sum(len(v) for v in resources.values())
     if total > policy.max_resources:
         raise PreconditionFailed(
@@ -690,8 +961,42 @@ def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | N
             [Issue(f"prefetch.{s.key}",
                    f"{s.key} ({service.prefetch[s.key]}) was not prefetched and could not be "
                    f"fetched: {s.reason}", "not-found") for s in missing])
-    return PatientRecord(patient_id, resources, unavailable, request.draft_orders, statuses,
-                         universe)
+    if others:
+        log.warning("left out resources that name another patient",
+                    extra={"dropped": dict(others)})
+        # What came for this patient still shows presence; absence can no longer be trusted
+        # (a server that ignored the patient parameter, or a prefetch for someone else).
+        for rtype, n in others.items():
+            unavailable.setdefault(rtype, f"{n} {plural(rtype, n)} named another patient and "
+                                          f"{'was' if n == 1 else 'were'} left out")
+    strangers = [k for k in service.required if others_by_key[k] and not kept_by_key[k]]
+    if strangers:
+        raise PreconditionFailed(
+            "the data this service needs are another patient's",
+            [Issue(f"prefetch.{k}",
+                   f"{k} ({service.prefetch[k]}): the {others_by_key[k]} resource(s) sent name "
+                   "another patient than context.patientId", "business-rule")
+             for k in strangers])
+    record = PatientRecord(patient_id, resources, unavailable, request.draft_orders, statuses,
+                           universe)
+    record.other_patient = others
+    unreadable = [k for k in service.required if service.prefetch.get(k)
+                  and not record.readable(template_type(service.prefetch[k]))]
+    if unreadable:
+        log.warning("the data this service needs could not be read",
+                    extra={"unreadable": dict(record.parse_failures)})
+        raise PreconditionFailed(
+            "the data this service needs could not be read",
+            [Issue(f"prefetch.{k}",
+                   f"{k} ({service.prefetch[k]}): none of the "
+                   f"{record.count(template_type(service.prefetch[k]))} resource(s) could be "
+                   "read as FHIR R4", "structure") for k in unreadable])
+    return record
+
+
+def plural(noun: str, n: int) -> str:
+    """``noun`` for ``n`` things (FHIR type names take an s)."""
+    return noun if n == 1 else f"{noun}s"
 
 
 _MISSING = object()
@@ -724,14 +1029,14 @@ def _from_prefetch(value: Any, rtype: str) -> tuple[list[dict[str, Any]] | None,
     return None, "", ""
 
 
-def _same_patient(items: list[Any], patient_id: str) -> list[Any]:
+def _same_patient(items: list[Any], patient_id: str, dropped: Counter[str]) -> list[Any]:
     """Drop resources that name another patient (a mixed-up prefetch must not leak into cards).
 
     Some servers ignore a search parameter they do not support and answer with every patient's
-    resources; they are dropped here, and counted in one log line per call.
+    resources. They are dropped here and counted by type in ``dropped``: ``load_record`` then
+    makes their type unavailable (the cards say why) and logs the counts, never the resources.
     """
     kept = []
-    dropped: Counter[str] = Counter()
     suffix = f"Patient/{patient_id}"
     for item in items:
         if type(item) is LazyResource:
@@ -741,6 +1046,8 @@ def _same_patient(items: list[Any], patient_id: str) -> list[Any]:
         if rtype == "Patient":
             if rid in (patient_id, None):
                 kept.append(item)
+            else:
+                dropped["Patient"] += 1
             continue
         if ref is None:
             kept.append(item)
@@ -751,9 +1058,6 @@ def _same_patient(items: list[Any], patient_id: str) -> list[Any]:
             kept.append(item)
         else:
             dropped[str(rtype)] += 1
-    if dropped:
-        log.warning("dropped resources that name another patient",
-                    extra={"dropped": dict(dropped)})
     return kept
 
 
@@ -764,6 +1068,8 @@ def _patient_reference(raw: dict[str, Any]) -> str | None:
             ref = node.get("reference")
             if type(ref) is str:
                 return ref
+        elif type(node) is str:
+            return node  # a bare "Patient/1", which lenient reading takes as a Reference
     return None
 
 

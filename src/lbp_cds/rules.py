@@ -24,6 +24,7 @@ from lbp_cds.facts import (
     Context,
     Evidence,
     Result,
+    evaluate_fact,
 )
 from lbp_cds.fhir_data import PatientRecord
 from lbp_cds.knowledge import Knowledge, RuleSpec, Service
@@ -80,7 +81,7 @@ class Leaf(Node):
         key = (self.key, id(ctx.order))
         result: Result | None = ctx.cache.get(key)
         if result is None:
-            result = ctx.cache[key] = FACTS[self.fact].fn(ctx, self.args)
+            result = ctx.cache[key] = evaluate_fact(FACTS[self.fact].fn, ctx, self.args)
         return result
 
 
