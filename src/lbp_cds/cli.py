@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -213,8 +214,6 @@ def request_from_bundle(bundle: dict[str, Any], hook: str) -> dict[str, Any]:
     """
     import uuid
 
-    from lbp_cds.knowledge import load
-
     entries = [e for e in bundle.get("entry", []) if isinstance(e, dict)
                and isinstance(e.get("resource"), dict)]
     local = {e["fullUrl"]: f"{e['resource'].get('resourceType')}/{e['resource']['id']}"
@@ -230,12 +229,10 @@ def request_from_bundle(bundle: dict[str, Any], hook: str) -> dict[str, Any]:
     drafts = [r for r in resources if r.get("status") == "draft"
               and r.get("resourceType") in ("ServiceRequest", "MedicationRequest")]
     record = [r for r in resources if r not in drafts]
-    pack = load()
-    service = next(s for s in pack.services if s.hook == hook)
     from lbp_cds.fhir_data import template_type
 
     prefetch: dict[str, Any] = {}
-    for key, template in service.prefetch.items():
+    for key, template in _prefetch_templates(hook).items():
         rtype = template_type(template)
         if rtype == "Patient":
             prefetch[key] = patient
@@ -250,6 +247,15 @@ def request_from_bundle(bundle: dict[str, Any], hook: str) -> dict[str, Any]:
         context["selections"] = [f"{d['resourceType']}/{d['id']}" for d in drafts]
     return {"hook": hook, "hookInstance": str(uuid.uuid4()), "context": context,
             "prefetch": prefetch}
+
+
+@functools.lru_cache(maxsize=8)
+def _prefetch_templates(hook: str) -> dict[str, str]:
+    """The bundled pack's prefetch templates for a hook (loaded once: a population of bundles
+    is turned into requests one after another)."""
+    from lbp_cds.knowledge import load
+
+    return dict(next(s for s in load().services if s.hook == hook).prefetch)
 
 
 def _resolve_references(node: Any, local: dict[str, str]) -> Any:
