@@ -477,17 +477,94 @@ def bench_fetch(n: int) -> None:
           f"{RESULTS['fetch']['overhead_ms']} ms ({RESULTS['fetch']['ratio_to_slowest_query']}x)")
 
 
+def bench_population(clients: int, duration: float) -> None:
+    """Every record of the Synthea population (``tests/population.py``: new sciatica, dates moved)
+    as a full-prefetch patient-view over HTTP: latency per call over all records (not only the
+    largest), and calls per second with ``clients`` concurrent clients cycling through them.
+
+    The clients are python-requests threads on the same two cores (wrk cannot vary the body
+    per call), so the rate understates the service; worker CPU per call does not depend on it.
+    """
+    sys.path.insert(0, str(ROOT))
+    from datetime import datetime, timezone
+
+    from tests import population  # type: ignore[import-not-found]
+
+    from lbp_cds.cli import request_from_bundle
+
+    now = datetime.now(timezone.utc)
+    bodies = [orjson.dumps(request_from_bundle(population.prepare(p, now).bundle,
+                                               "patient-view"))
+              for p in population.files()]
+    if not bodies:
+        print("population: ../shared/data/synthea-r4-population not found; skipped")
+        return
+    server = Server(None)
+    try:
+        url = f"{server.base}/cds-services/lbp-triage"
+        headers = {"Content-Type": "application/json"}
+        session = requests.Session()
+        for body in bodies[:20]:  # warm-up
+            session.post(url, data=body, headers=headers)
+        samples = []
+        cpu_before = server.worker_cpu_seconds()
+        for body in bodies:
+            t = time.perf_counter()
+            resp = session.post(url, data=body, headers=headers)
+            samples.append((time.perf_counter() - t) * 1000)
+            assert resp.status_code == 200, resp.text[:300]
+        single_cpu = sum(server.worker_cpu_seconds()) - sum(cpu_before)
+
+        def client(offset: int, stop_at: float) -> int:
+            http = requests.Session()
+            done = 0
+            while time.perf_counter() < stop_at:
+                body = bodies[(offset + done) % len(bodies)]
+                assert http.post(url, data=body, headers=headers).status_code == 200
+                done += 1
+            return done
+
+        cpu_before = server.worker_cpu_seconds()
+        started = time.perf_counter()
+        stop_at = started + duration
+        with ThreadPoolExecutor(clients) as pool:
+            total = sum(pool.map(client, [i * len(bodies) // clients for i in range(clients)],
+                                 [stop_at] * clients))
+        elapsed = time.perf_counter() - started
+        cpu_used = sum(server.worker_cpu_seconds()) - sum(cpu_before)
+    finally:
+        server.stop()
+    sizes = sorted(len(b) for b in bodies)
+    RESULTS["population"] = {
+        "records": len(bodies), "prefetch_bytes_p50": sizes[len(sizes) // 2],
+        "prefetch_bytes_max": sizes[-1],
+        "single_client": {"p50_ms": round(statistics.median(samples), 2),
+                          "p95_ms": round(percentile(samples, 95), 2),
+                          "max_ms": round(max(samples), 2),
+                          "cpu_ms_per_call": round(single_cpu / len(bodies) * 1000, 2)},
+        "concurrent_clients": clients, "calls": total,
+        "requests_per_second": round(total / elapsed, 1),
+        "cpu_ms_per_call": round(cpu_used / total * 1000, 2)}
+    r = RESULTS["population"]
+    print(f"population ({r['records']} Synthea records with new sciatica, prefetch p50 "
+          f"{r['prefetch_bytes_p50'] / 1e3:.0f} kB, max {r['prefetch_bytes_max'] / 1e3:.0f} kB): "
+          f"one client p50 {r['single_client']['p50_ms']} ms p95 "
+          f"{r['single_client']['p95_ms']} ms max {r['single_client']['max_ms']} ms "
+          f"({r['single_client']['cpu_ms_per_call']} ms worker CPU per call); {clients} clients: "
+          f"{r['requests_per_second']} calls/s ({r['cpu_ms_per_call']} ms worker CPU per call)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append",
-                        choices=["core", "rules", "http", "scaling", "fetch"])
+                        choices=["core", "rules", "http", "population", "scaling", "fetch"])
     parser.add_argument("-n", type=int, default=200, help="samples per measurement")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--duration", type=float, default=10.0,
                         help="seconds of the concurrent run")
     args = parser.parse_args()
-    sections = args.only or ["core", "rules", "http", "scaling", "fetch"]
+    sections = args.only or ["core", "rules", "http", "population", "scaling", "fetch"]
     RESULTS["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     if "core" in sections:
         bench_core(args.n)
@@ -495,6 +572,8 @@ def main() -> int:
         bench_rules(args.n)
     if "http" in sections:
         bench_http(args.n, args.clients, args.duration)
+    if "population" in sections:
+        bench_population(args.clients, args.duration)
     if "scaling" in sections:
         bench_scaling(max(10, args.n // 4))
     if "fetch" in sections:

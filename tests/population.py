@@ -59,6 +59,7 @@ IMMUNOSUPPRESSANT_INGREDIENTS = ("methotrexate", "prednisone", "prednisolone", "
                                  "docetaxel", "oxaliplatin", "fluorouracil", "paclitaxel",
                                  "carboplatin", "cisplatin", "cyclophosphamide")
 IMMUNOSUPPRESSION = {"86406008", "161665007"}  # HIV, history of renal transplant
+TRANSPLANT = "transplant"  # a solid-organ or marrow transplant procedure (by its display)
 ACUTE_MIMICS = {  # count when recent (their onset within ACUTE_DAYS)
     "74400008": "appendicitis", "85189001": "appendicitis", "47693006": "appendicitis",
     "79586000": "ectopic pregnancy", "34801009": "ectopic pregnancy",
@@ -218,6 +219,8 @@ def labels(bundle: dict[str, Any], now: datetime, age: int, sex: str) -> set[str
                 continue
             if recent and current:
                 out.add("recent acute mimic")
+    if any(TRANSPLANT in d.lower() for p in procedures for _s, _c, d in _codes(p)):
+        out.add("immunosuppression")  # a transplant recipient takes immunosuppressants for life
     for mr in resources:
         if mr["resourceType"] != "MedicationRequest" or mr.get("status") != "active":
             continue

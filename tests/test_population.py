@@ -169,8 +169,9 @@ def test_the_labeller_reads_what_a_careful_reader_would():
     """The labels are the suite's ground truth: check them on records read by hand."""
     by_name = {p.name.split("_")[0] + "_" + p.name.split("_")[1]: p for p in population.files()}
     read = {name: population.prepare(by_name[name], NOW).labels for name in (
-        "Catina_Sawayn", "Barrett_Goldner", "Alix_Reilly", "Darin_Skiles")}
+        "Catina_Sawayn", "Barrett_Goldner", "Alix_Reilly", "Darin_Skiles", "Tony_Beer")}
     assert read["Catina_Sawayn"] == {"osteoporosis at 50+"}  # 60, osteoporosis, alendronate
     assert read["Barrett_Goldner"] == set()  # a drug overdose of 11 years ago, nothing since
     assert read["Alix_Reilly"] == {"current pregnancy"}  # pregnancy of 2 months
     assert "cancer history" in read["Darin_Skiles"]  # prostate cancer, resolved
+    assert read["Tony_Beer"] == {"immunosuppression"}  # a lung transplant
