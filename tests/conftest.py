@@ -134,3 +134,17 @@ def app(make_app: Callable[..., Flask]) -> Iterator[Flask]:
 def client(app: Flask) -> FlaskClient:
     """A test client of the mini-pack app."""
     return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def real_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flask]:
+    """An app with the bundled knowledge pack and a settable clock (``app.config["clock"]
+    ["now"]``), whose every hook answer is checked against the response schema."""
+    tmp = tmp_path_factory.mktemp("real-app")
+    clock: dict[str, datetime] = {}
+    app = create_app(Settings(dev=True, database_url=f"sqlite:///{tmp}/s.sqlite3"),
+                     clock=lambda: clock["now"])
+    app.config["clock"] = clock
+    validate_responses(app)
+    yield app
+    app.extensions["lbp_cds"].store.engine.dispose()

@@ -387,22 +387,6 @@ def test_feedback_when_the_store_fails_is_503_and_safe_to_retry(app, client):
 # -- reading leniently, through the real knowledge pack ------------------------------------------
 # Records as real clients send them (``tests.builders``): a DSTU2 server's Conditions, the HL7 CDS
 # Hooks Sandbox's MedicationRequest (category as one object), another patient's data mixed in.
-@pytest.fixture(scope="module")
-def real_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from lbp_cds import create_app
-    from lbp_cds.config import Settings
-    from tests.conftest import validate_responses
-
-    tmp = tmp_path_factory.mktemp("lenient")
-    clock: dict[str, datetime] = {}
-    app = create_app(Settings(dev=True, database_url=f"sqlite:///{tmp}/s.sqlite3"),
-                     clock=lambda: clock["now"])
-    app.config["clock"] = clock
-    validate_responses(app)
-    yield app
-    app.extensions["lbp_cds"].store.engine.dispose()
-
-
 def call_real(app: Any, service_id: str, body: dict[str, Any], now: datetime) -> Any:
     app.config["clock"]["now"] = now
     return app.test_client().post(f"/cds-services/{service_id}", json=body)

@@ -18,11 +18,8 @@ import pytest
 import yaml
 from fhir.resources.R4B import get_fhir_model_class
 
-from lbp_cds import create_app
-from lbp_cds.config import Settings
 from lbp_cds.fixtures import hook_request, read_scenario
 from lbp_cds.hooks import response_issues
-from tests.conftest import validate_responses
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = sorted((ROOT / "fixtures" / "scenarios").glob("*.yaml"))
@@ -31,18 +28,6 @@ req = pytest.mark.req
 
 def load(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="module")
-def real_app(tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("scenarios")
-    clock: dict[str, datetime] = {}
-    app = create_app(Settings(dev=True, database_url=f"sqlite:///{tmp}/s.sqlite3"),
-                     clock=lambda: clock["now"])
-    app.config["clock"] = clock
-    validate_responses(app)
-    yield app
-    app.extensions["lbp_cds"].store.engine.dispose()
 
 
 def call(app: Any, path: Path) -> Any:
