@@ -10,7 +10,6 @@ resource a suggestion carries must be valid R4.
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
