@@ -190,6 +190,7 @@ def unavailable(ctx: Context, resource_type: str, label: str) -> Result:
 
 
 # -- the problem list: which entries count ---------------------------------------------------
+DONE_PROCEDURE = ("completed", "in-progress")
 ABATEMENT_ELEMENTS = ("abatementDateTime", "abatementAge", "abatementPeriod", "abatementRange",
                       "abatementString")
 
@@ -198,6 +199,12 @@ def entry_date(c: Any) -> datetime | None:
     """When a problem-list entry began: its onset, else the date it was recorded."""
     return as_datetime(c.onsetDateTime) or as_datetime(
         c.onsetPeriod.start if c.onsetPeriod else None) or as_datetime(c.recordedDate)
+
+
+def performed(p: Any) -> datetime | None:
+    """When a Procedure was done: its performed date, else the start of its period."""
+    return as_datetime(p.performedDateTime) or as_datetime(
+        p.performedPeriod.start if p.performedPeriod else None)
 
 
 def abated(c: Any, now: datetime) -> bool:
@@ -247,8 +254,9 @@ def problem_entries(ctx: Context, vs: ValueSet, status: str = "active") -> list[
     window = since(ctx, ctx.knowledge.param(cur.within_days)) \
         if cur is not None and cur.within_days is not None else None
     out: list[Entry] = []
-    if cur is None or not _ruled_out(ctx, cur.ruled_out_by):
-        endings = _dates_of(ctx, cur.ended_by) if cur is not None else []
+    if cur is None or not _on_record(ctx, cur.ruled_out_by):
+        endings = [d for d in _on_record(ctx, cur.ended_by) if d is not None] \
+            if cur is not None else []
         for c in ctx.record.coded("Condition", vs):
             if status_code(c.verificationStatus) in IGNORED_VERIFICATION:
                 continue
@@ -269,31 +277,16 @@ def problem_entries(ctx: Context, vs: ValueSet, status: str = "active") -> list[
     return out
 
 
-def _ruled_out(ctx: Context, valuesets: tuple[str, ...]) -> bool:
-    """A Condition (any status) or a done Procedure of these value sets is on record."""
+def _on_record(ctx: Context, valuesets: tuple[str, ...]) -> list[datetime | None]:
+    """The dates (None when undated) of the Conditions (any status, not refuted) and done
+    Procedures of these value sets: what rules an entry out, or ends it."""
+    out: list[datetime | None] = []
     for vs_id in valuesets:
         vs = ctx.knowledge.valuesets[vs_id]
-        if any(status_code(c.verificationStatus) not in IGNORED_VERIFICATION
-               for c in ctx.record.coded("Condition", vs)):
-            return True
-        if any(p.status in ("completed", "in-progress")
-               for p in ctx.record.coded("Procedure", vs)):
-            return True
-    return False
-
-
-def _dates_of(ctx: Context, valuesets: tuple[str, ...]) -> list[datetime]:
-    """Dates of the Conditions and done Procedures of these value sets (what ends an entry)."""
-    out = []
-    for vs_id in valuesets:
-        vs = ctx.knowledge.valuesets[vs_id]
-        out += [d for c in ctx.record.coded("Condition", vs)
-                if status_code(c.verificationStatus) not in IGNORED_VERIFICATION
-                and (d := entry_date(c)) is not None]
-        out += [d for p in ctx.record.coded("Procedure", vs)
-                if p.status in ("completed", "in-progress")
-                and (d := as_datetime(p.performedDateTime) or as_datetime(
-                    p.performedPeriod.start if p.performedPeriod else None)) is not None]
+        out += [entry_date(c) for c in ctx.record.coded("Condition", vs)
+                if status_code(c.verificationStatus) not in IGNORED_VERIFICATION]
+        out += [performed(p) for p in ctx.record.coded("Procedure", vs)
+                if p.status in DONE_PROCEDURE]
     return out
 
 
@@ -785,10 +778,9 @@ def procedure(ctx: Context, a: dict[str, Any]) -> Result:
     start = since(ctx, a.get("within_days"))
     found = []
     for p in ctx.record.coded("Procedure", vs, since=start):
-        if p.status not in ("completed", "in-progress"):
+        if p.status not in DONE_PROCEDURE:
             continue
-        when = as_datetime(p.performedDateTime) or as_datetime(
-            p.performedPeriod.start if p.performedPeriod else None)
+        when = performed(p)
         if start is not None and (when is None or when < start):
             continue
         found.append(Evidence(f"Procedure: {describe(match(p.code, vs))}", str(p.status),
