@@ -131,6 +131,12 @@ def _md(text: str) -> str:
 
 def _suggestion(s: dict[str, Any], m: RuleMatch, k: Knowledge, cc: CardContext
                 ) -> dict[str, Any] | None:
+    # A suggestion for one kind of patient only ("if pregnant: ultrasound") follows the rule's
+    # note for that kind: shown when it fired (when_note), hidden when it fired (unless_note).
+    if "when_note" in s and s["when_note"] not in m.notes:
+        return None
+    if "unless_note" in s and s["unless_note"] in m.notes:
+        return None
     actions = []
     for a in s.get("actions") or []:
         action = _action(a, m, k, cc)

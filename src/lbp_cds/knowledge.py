@@ -710,6 +710,10 @@ def _check_card(k: Knowledge, card_id: str, card: dict[str, Any]) -> None:
     for suggestion in suggestions:
         if not suggestion.get("label"):
             raise KnowledgeError(f"{where}: a suggestion lacks a label")
+        for key in ("when_note", "unless_note"):
+            if key in suggestion and suggestion[key] not in (card.get("notes") or {}):
+                raise KnowledgeError(f"{where}: suggestion {suggestion['label']!r} {key} "
+                                     f"{suggestion[key]!r} is not one of the card's notes")
         for action in suggestion.get("actions") or []:
             kind = action.get("type")
             if kind not in ("create", "update", "delete") or not action.get("description"):
