@@ -414,10 +414,12 @@ def test_an_unreadable_aneurysm_condition_is_named_never_ruled_out(real_app):
     assert resp.status_code == 200, resp.json
     cards = {c["extension"]["org.lbp-cds.rule"]["ruleId"]: c for c in resp.json["cards"]}
     assert "AAA-1" not in cards  # its Condition could not be read
-    if "CC-1" in cards:
-        detail = cards["CC-1"]["detail"]
-        checked = detail.split("**Could not be checked**")[1]
-        assert "Known aortic aneurysm: 1 Condition could not be read" in checked
+    assert "CC-1" in cards
+    detail = cards["CC-1"]["detail"]
+    checked = detail.split("**Could not be checked:**")[1]
+    assert "Known aortic aneurysm: 1 Condition could not be read" in checked
+    assert ("Known aortic aneurysm: 1 Condition could not be read"
+            in cards["CC-1"]["extension"]["org.lbp-cds.rule"]["notChecked"])
 
 
 @pytest.mark.parametrize(("name", "bend", "rule", "indicator"), [

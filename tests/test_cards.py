@@ -55,8 +55,11 @@ def test_critical_card_carries_everything_a_clinician_needs(engine):
     assert card["source"] == {"label": "Test guideline", "url": "https://example.org/guideline",
                               "topic": {"system": "http://snomed.info/sct",
                                         "code": "279039007", "display": "Low back pain"}}
-    assert "Lumbago with sciatica, right side (ICD-10-CM M54.41)" in card["detail"]
-    assert "Intake answer: saddle numbness · true" in card["detail"]
+    assert "**On record:** Lumbago with sciatica, right side (M54.41), 2026-02-20" in card["detail"]
+    assert "saddle numbness: yes (intake), 2026-03-01" in card["detail"]
+    assert card["extension"]["org.lbp-cds.rule"]["evidence"] == [
+        "Condition: Lumbago with sciatica, right side (ICD-10-CM M54.41) · active · 2026-02-20",
+        "Intake answer: saddle numbness · true · 2026-03-01"]
     assert card["overrideReasons"][0]["display"]
     assert card["links"] == [{"label": "Test guideline", "url": "https://example.org/guideline",
                               "type": "absolute"}]
@@ -81,8 +84,8 @@ def test_created_service_request_is_a_complete_valid_r4_resource(engine):
 @pytest.mark.req("110")
 def test_unknowns_are_listed_and_link_to_the_intake(engine):
     (card,) = render(engine, [condition("M54.41")], base_url="https://cds.example.org")
-    assert "**Could not be checked**" in card["detail"]
-    assert "saddle numbness" in card["detail"]
+    assert "**Not checked:**" in card["detail"] and "saddle numbness" in card["detail"]
+    assert any("saddle numbness" in u for u in card["extension"]["org.lbp-cds.rule"]["notChecked"])
     intake = [link for link in card["links"] if "intake" in link["url"]]
     assert intake and intake[0]["url"] == "https://cds.example.org/questionnaires/lbp-intake"
 

@@ -38,6 +38,10 @@ def call(app: Any, path: Path) -> Any:
     return app.test_client().post(f"/cds-services/{service.id}", json=body)
 
 
+def as_list(value: Any) -> list[Any]:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
 def rule_of(card: dict[str, Any]) -> str:
     return str(card["extension"]["org.lbp-cds.rule"]["ruleId"])
 
@@ -69,6 +73,18 @@ def test_scenario(real_app, path: Path):
     assert ranks == sorted(ranks), "cards must come most urgent first"
     if "critical" in {c["indicator"] for c in resp.json["cards"]}:
         assert not [c for c in resp.json["cards"] if rule_of(c).startswith("CC")]
+    for want_card in expect.get("cards") or []:
+        mine = [c for c in resp.json["cards"]
+                if rule_of(c) == want_card["rule"] and c["indicator"] == want_card["indicator"]]
+        state = want_card.get("state", "fire")
+        assert [c["extension"]["org.lbp-cds.rule"].get("state", "fire") for c in mine] == \
+            [state] * len(mine), f"{want_card['rule']} should be in state {state}"
+        for text in as_list(want_card.get("contains")):
+            assert any(text in c["summary"] + "\n" + c.get("detail", "") for c in mine), (
+                f"{want_card['rule']} should say {text!r}")
+        for text in as_list(want_card.get("not_contains")):
+            assert not any(text in c["summary"] + "\n" + c.get("detail", "") for c in mine), (
+                f"{want_card['rule']} should not say {text!r}")
     for card in resp.json["cards"]:
         assert len(card["summary"]) < 140
         for suggestion in card.get("suggestions", []):

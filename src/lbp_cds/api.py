@@ -21,7 +21,7 @@ from flask import Blueprint, Flask, Response, current_app, g, has_request_contex
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from lbp_cds import cards, hooks, observability
+from lbp_cds import cards, facts, hooks, observability
 from lbp_cds.auth import JwtVerifier
 from lbp_cds.config import Settings
 from lbp_cds.errors import (
@@ -240,9 +240,10 @@ def evaluate(rt: Runtime, service: Service, req: hooks.HookRequest, record: Pati
     raw_by_id = {str(r.get("id")): r for r in req.draft_orders if isinstance(r, dict)}
     checked = any(s.state != "unavailable" for s in record.statuses) or not record.statuses
     base = rt.settings.public_base_url or (request.host_url if has_request_context() else "")
+    sex, age = facts.sex_and_age(record, now)
     cc = cards.CardContext(
         patient_id=req.patient_id or "", now=now, encounter_id=req.encounter_id,
-        user_id=req.user_id, base_url=base, record_checked=checked,
+        user_id=req.user_id, base_url=base, record_checked=checked, sex=sex, age=age,
         draft_raw=raw_by_id.get,
     )
     for rtype, n in record.parse_failures.items():

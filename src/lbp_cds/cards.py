@@ -8,13 +8,15 @@ No field is ever null or empty (CDS Hooks §"Use of JSON").
 from __future__ import annotations
 
 import copy
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from lbp_cds.knowledge import Knowledge, Orderable
+from lbp_cds.facts import UNAVAILABLE, UNREADABLE, Evidence, Unknown
+from lbp_cds.knowledge import Knowledge, Orderable, Phrase, ask_card
 from lbp_cds.rules import RuleMatch
 
 RULE_EXTENSION = "org.lbp-cds.rule"
@@ -34,6 +36,8 @@ class CardContext:
     user_id: str | None = None
     base_url: str = ""
     record_checked: bool = True
+    sex: str | None = None  # the patient's, to leave out what cannot apply to them
+    age: float | None = None
     draft_raw: Callable[[str], dict[str, Any] | None] = lambda _id: None
 
 
@@ -63,6 +67,8 @@ def render(matches: list[RuleMatch], knowledge: Knowledge, cc: CardContext) -> l
 
 def _card(m: RuleMatch, k: Knowledge, cc: CardContext) -> IssuedCard:
     spec = k.cards[m.rule.card]
+    if m.state == "ask":
+        spec = ask_card(spec)
     summary = (spec.get("summary_by_indicator") or {}).get(m.indicator) or spec["summary"]
     citation = k.citations[spec["source"]]
     source: dict[str, Any] = {"label": citation.label}
@@ -89,36 +95,207 @@ def _card(m: RuleMatch, k: Knowledge, cc: CardContext) -> IssuedCard:
     links = _links(m, spec, k, cc)
     if links:
         card["links"] = links
-    card["extension"] = {RULE_EXTENSION: {"ruleId": m.rule.id,
-                                          "knowledgeDigest": k.digest[:KNOWLEDGE_DIGEST_SHOWN]}}
+    ext: dict[str, Any] = {"ruleId": m.rule.id,
+                           "knowledgeDigest": k.digest[:KNOWLEDGE_DIGEST_SHOWN]}
+    if m.state != "fire":
+        ext["state"] = m.state
+    # The whole lists, for integrators and the audit: the detail names only what fits.
+    if m.evidence:
+        ext["evidence"] = [" · ".join(b for b in (e.what, e.value, e.when) if b)
+                           for e in m.evidence]
+    if m.unknowns:
+        ext["notChecked"] = list(m.not_checked)
+    card["extension"] = {RULE_EXTENSION: ext}
     return IssuedCard(card, m.rule.id, m.indicator,
                       tuple(s["uuid"] for s in suggestions))
 
 
+def words(text: str) -> int:
+    """Words as the card budget counts them: whitespace-separated tokens with a letter or digit."""
+    return sum(1 for token in text.split() if _WORDY.search(token))
+
+
+_WORDY = re.compile(r"[^\W_]")
+
+
 def _detail(m: RuleMatch, spec: dict[str, Any], k: Knowledge, cc: CardContext) -> str:
-    parts = [str(spec.get("detail", "")).strip()]
+    """The pack's words, then what the record showed, what could not be checked, and the sources,
+    within the card budget (``card-style.yaml``): evidence lines are dropped, counted, before
+    anything else, and the whole lists stay in the card's extension."""
+    style = k.style
+    head = [str(spec.get("detail", "")).strip()]
     for note in m.notes:
-        parts.append(str(spec["notes"][note]).strip())
+        text = str(spec["notes"][note]).strip()
+        if "{evidence}" in text:  # the note names what made it hold ("age 62 years")
+            shown = "; ".join(_evidence_lines(m.note_evidence.get(note, ())))
+            text = text.replace("{evidence}", _md(shown[:1].lower() + shown[1:]))
+        head.append(text)
     if not cc.record_checked:
-        parts.append("**The patient's record could not be obtained: it was not checked for red "
-                     "flags or mimics.** This advice rests only on the order itself.")
-    if m.evidence:
-        lines = ["**Evidence**", ""]
-        for e in m.evidence:
-            bits = [e.what]
-            if e.value:
-                bits.append(e.value)
-            if e.when:
-                bits.append(e.when)
-            lines.append("- " + " · ".join(_md(b) for b in bits))
-        parts.append("\n".join(lines))
-    if m.not_checked:
-        lines = ["**Could not be checked**", ""]
-        lines.extend(f"- {_md(u)}" for u in m.not_checked)
-        parts.append("\n".join(lines))
-    labels = "; ".join(k.citations[s].label for s in m.rule.sources)
-    parts.append(f"_Rule {m.rule.id}. Sources: {_md(labels)}._")
+        head.append("**The record could not be obtained: red flags and mimics were not checked.** "
+                    "This rests on the order alone.")
+    gaps, named, more = _not_checked(m, k, cc)
+    tail = []
+    if named:
+        tail.append("**Not checked:** " + ", ".join(_md(n) for n in named)
+                    + (f" (+{more} more)" if more else "") + ".")
+    if gaps:
+        tail.append("**Could not be checked:** " + "; ".join(_md(g) for g in gaps) + ".")
+    footer = f"_{m.rule.id} · {', '.join(m.rule.sources)}_"
+    room = style.detail_words[m.indicator] - sum(words(p) for p in (*head, *tail, footer)) - 5
+    lines = _evidence_lines(m.evidence)
+    shown: list[str] = []
+    for line in lines[:style.evidence_lines]:
+        if words(line) > room:
+            break
+        shown.append(line)
+        room -= words(line)
+    parts = [*head]
+    if shown:
+        rest = len(lines) - len(shown)
+        parts.append("**On record:** " + "; ".join(_md(x) for x in shown)
+                     + (f" (+{rest} more)" if rest else "") + ".")
+    parts.extend(tail)
+    parts.append(footer)
     return "\n\n".join(p for p in parts if p)
+
+
+# UCUM units as clinicians write them (display only: the facts compare UCUM values).
+CLINICAL_UNITS = (
+    ("10*3/uL", "×10⁹/L"), ("10*9/L", "×10⁹/L"), ("10*6/uL", "×10¹²/L"), ("10*12/L", "×10¹²/L"),
+    ("[degF]", "°F"), ("mm[Hg]", "mmHg"), ("[lb_av]", "lb"), ("m[IU]/mL", "mIU/mL"),
+    ("[IU]/L", "IU/L"), ("/[HPF]", "/HPF"),
+)
+_CEL = re.compile(r"(?<=\d) ?Cel\b")
+_SYSTEM = re.compile(r" \((?:ICD-10-CM|ICD-10-PCS) ([^)]+)\)")
+_DROPPED = re.compile(r" \((?:LOINC|RxNorm|recognised)[^)]*\)| \[[^\]]*\]")
+_PLAIN_STATUS = frozenset({"active", "completed", "confirmed", "final", "stated on the order",
+                           "referenced by the order"})
+
+
+def clinical(text: str) -> str:
+    """A value in the form a clinician reads: 38.4 °C, WBC 14.2 ×10⁹/L, 120 mmHg."""
+    out = _CEL.sub(" °C", text)
+    for ucum, shown in CLINICAL_UNITS:
+        out = out.replace(ucum, shown)
+    return out
+
+
+def _evidence_text(e: Evidence) -> str:
+    what = e.what
+    intake = what.startswith("Intake answer: ")
+    what = what.split(": ", 1)[1] if ": " in what and what.split(": ", 1)[0] in _PREFIXES \
+        else what
+    what = _DROPPED.sub("", _SYSTEM.sub(r" (\1)", what))
+    bits = [what]
+    if e.value and e.value not in _PLAIN_STATUS:
+        bits.append(clinical(e.value))
+    answer = {"true": "yes", "false": "no"}.get(e.value, e.value)
+    text = " ".join(bits) if not intake else f"{what}: {answer}"
+    if intake and "intake" not in text:
+        text += " (intake)"
+    if e.when and not e.what.startswith("Onset of "):
+        text += f", {e.when}"
+    return text
+
+
+_PREFIXES = frozenset({"Condition", "Observation", "Procedure", "MedicationRequest",
+                       "MedicationStatement", "Intake answer", "DiagnosticReport",
+                       "ImagingStudy", "ServiceRequest", "Encounter"})
+
+
+def _evidence_lines(evidence: tuple[Evidence, ...]) -> list[str]:
+    """One short line per resource: a Condition and its onset read as one."""
+    onset: dict[str, str] = {}
+    for e in evidence:
+        if e.what.startswith("Onset of ") and e.reference:
+            onset[e.reference] = e.value
+    lines: list[str] = []
+    done: set[str] = set()
+    for e in evidence:
+        if e.what.startswith("Onset of ") and e.reference in done:
+            continue
+        if e.reference and e.reference in onset and not e.what.startswith("Onset of "):
+            what = _evidence_text(Evidence(e.what, e.value, "", e.reference))
+            lines.append(f"{what}, since {onset[e.reference]}")
+            done.add(e.reference)
+            continue
+        if e.what.startswith("Onset of "):
+            lines.append(f"{_evidence_text(e)[len('Onset of '):]}".replace(
+                f" {e.value}", f", since {e.value}", 1) if e.value else _evidence_text(e))
+            continue
+        lines.append(_evidence_text(e))
+    return list(dict.fromkeys(lines))
+
+
+def _not_checked(m: RuleMatch, k: Knowledge, cc: CardContext) -> tuple[list[str], list[str], int]:
+    """(data that could not be had or read, always named, with the few most dangerous things it
+    leaves unchecked; the few most dangerous unasked questions that would change this card, in
+    clinical words, for this patient; how many more)."""
+    style = k.style
+    fetched: dict[str, tuple[str, dict[str, int]]] = {}
+    unread: list[str] = []
+    ranked: dict[str, int] = {}
+    for pos, u in enumerate(m.unknowns):
+        if u.kind == UNREADABLE:
+            unread.append(u.reason)
+            continue
+        said = _phrase(u, pos, m, k)
+        if said is not None and not said[0].applies(cc.sex, cc.age):
+            continue
+        if u.kind == UNAVAILABLE:
+            source = style.topics.get(u.fetch)
+            what = source.say if source else (u.fetch or "record data")
+            _, affected = fetched.setdefault(what, (u.why, {}))
+            if said is not None and said[0].say != what:
+                affected.setdefault(said[0].say, said[1])
+            continue
+        if said is not None:
+            ranked.setdefault(said[0].say, said[1])
+    n = style.not_checked_named
+    gaps = []
+    for what, (why, affected) in fetched.items():
+        names = sorted(affected, key=affected.__getitem__)
+        line = f"{what} could not be fetched" + (f" ({why})" if why else "")
+        if names:
+            line += ": " + ", ".join(names[:n]) + (f" (+{len(names) - n})" if len(names) > n
+                                                    else "") + " not checked"
+        gaps.append(line)
+    gaps += unread[:n]
+    if len(unread) > n:
+        gaps.append(f"{len(unread) - n} more could not be read")
+    names = sorted(ranked, key=ranked.__getitem__)
+    return gaps, names[:n], max(0, len(names) - n)
+
+
+def _phrase(u: Unknown, pos: int, m: RuleMatch, k: Knowledge) -> tuple[Phrase, int] | None:
+    """How to name an unknown on this card, and its rank (lower is more dangerous): the question
+    an ask state asks first; then another rule's red flag by that rule; then the topic."""
+    style = k.style
+    ask = m.rule.ask
+    if m.state == "ask" and ask and u.topic in ask.about:
+        return (style.topics.get(u.topic) or Phrase(_fallback(u, k)),
+                -len(ask.about) + ask.about.index(u.topic))
+    if u.rule and u.rule != m.rule.id and u.rule in style.rules:
+        return style.rules[u.rule], list(style.rules).index(u.rule)
+    if u.topic in style.topics:
+        return style.topics[u.topic], 1000 + list(style.topics).index(u.topic)
+    if not u.topic:
+        return None
+    return Phrase(_fallback(u, k)), 2000 + pos
+
+
+_TRAILING = re.compile(r"\(([^()]*)\)\s*$")
+
+
+def _fallback(u: Unknown, k: Knowledge) -> str:
+    """Words for an unknown the style file does not name: its value set's title, else the
+    reason's label."""
+    vs = k.valuesets.get(u.topic)
+    if vs is not None:
+        title = vs.get("title") if isinstance(vs, dict) else getattr(vs, "title", "")
+        if title:
+            return str(title).lower() if str(title)[1:2].islower() else str(title)
+    return u.reason.split(":", 1)[0]
 
 
 def _md(text: str) -> str:
@@ -214,9 +391,8 @@ def _links(m: RuleMatch, spec: dict[str, Any], k: Knowledge, cc: CardContext
         else:
             links.append({"label": link["label"], "url": link["url"], "type": "absolute"})
     if m.ask and cc.base_url:
-        items = ", ".join(dict.fromkeys(m.ask))
         links.append({
-            "label": f"Red-flag intake: answer {items}"[:200],
+            "label": "Open the red-flag intake questionnaire",
             "url": f"{cc.base_url.rstrip('/')}/questionnaires/lbp-intake",
             "type": "absolute",
         })

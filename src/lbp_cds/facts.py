@@ -64,13 +64,39 @@ class Evidence:
     reference: str = ""
 
 
+# What kind of gap an unknown is: the card names the first two always (data that could not be had
+# or read), and only the few most dangerous of the last two (questions nobody asked yet).
+UNAVAILABLE, UNREADABLE, NOT_ASKED, NOT_RECORDED = (
+    "unavailable", "unreadable", "not-asked", "not-recorded")
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """Why a fact could not be answered, and what would settle it.
+
+    ``topic`` is the intake item, value set id or resource type that would settle it (the pack's
+    ``not-checked.yaml`` says it in clinical words); ``rule`` the innermost rule it came through,
+    so a card can say "cauda equina symptoms not asked" instead of four intake items.
+    """
+
+    reason: str
+    kind: str = NOT_RECORDED
+    topic: str = ""
+    rule: str = ""
+    fetch: str = ""  # unavailable: the resource type that could not be had
+    why: str = ""  # unavailable: why ("the FHIR server answered HTTP 503")
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 @dataclass(frozen=True)
 class Result:
     """A fact's answer."""
 
     status: str
     evidence: tuple[Evidence, ...] = ()
-    unknown: tuple[str, ...] = ()
+    unknown: tuple[Unknown, ...] = ()
     ask: tuple[str, ...] = ()  # intake questionnaire items that would settle an unknown
     value: Any = None
 
@@ -83,8 +109,11 @@ class Result:
         return Result(ABSENT, tuple(evidence))
 
     @staticmethod
-    def not_known(reason: str, ask: Iterable[str] = ()) -> Result:
-        return Result(UNKNOWN, unknown=(reason,), ask=tuple(ask))
+    def not_known(reason: str, ask: Iterable[str] = (), kind: str = NOT_RECORDED,
+                  topic: str = "", fetch: str = "", why: str = "") -> Result:
+        items = tuple(ask)
+        return Result(UNKNOWN, unknown=(Unknown(reason, kind, topic or (items[0] if items else ""),
+                                                fetch=fetch, why=why),), ask=items)
 
 
 @dataclass
@@ -186,7 +215,8 @@ def verdict(ctx: Context, found: list[Evidence], resource_type: str, label: str)
 
 def unavailable(ctx: Context, resource_type: str, label: str) -> Result:
     reason = ctx.record.missing_reason(resource_type) or "not available"
-    return Result.not_known(f"{label}: {resource_type} data could not be checked ({reason})")
+    return Result.not_known(f"{label}: {resource_type} data could not be checked ({reason})",
+                            kind=UNAVAILABLE, fetch=resource_type, why=reason)
 
 
 # -- the problem list: which entries count ---------------------------------------------------
@@ -323,14 +353,34 @@ def evaluate_fact(fn: Callable[[Context, dict[str, Any]], Result], ctx: Context,
     mark = len(misses)
     result = fn(ctx, a)
     if len(misses) == mark:
+        if result.unknown and not all(u.topic for u in result.unknown):
+            return Result(result.status, result.evidence, _topical(result.unknown, a), result.ask,
+                          result.value)
         return result
     flaws = list({id(f): f for f in misses[mark:]}.values())  # one per resource (equal flaws
     # of two resources are two objects; one resource's flaw is one object, logged each time)
     del misses[mark:]
     label = str(a.get("label") or "")
-    unknown = tuple(dict.fromkeys(result.unknown + flaw_reasons(label, flaws)))
+    unread = tuple(Unknown(r, UNREADABLE, topic_of(a)) for r in flaw_reasons(label, flaws))
+    unknown = tuple(dict.fromkeys(_topical(result.unknown, a) + unread))
     status = UNKNOWN if result.status == ABSENT else result.status
     return Result(status, result.evidence, unknown, result.ask, result.value)
+
+
+def topic_of(a: dict[str, Any]) -> str:
+    """What would settle a fact with these arguments: its intake item, else its value set."""
+    if a.get("item"):
+        return str(a["item"])
+    vs = a.get("valueset")
+    return str(getattr(vs, "id", "") or "").removesuffix("+products")
+
+
+def _topical(unknowns: tuple[Unknown, ...], a: dict[str, Any]) -> tuple[Unknown, ...]:
+    """The unknowns, each with the topic the fact's arguments give when it named none."""
+    if all(u.topic for u in unknowns):
+        return unknowns
+    topic = topic_of(a)
+    return tuple(u if u.topic else replace(u, topic=topic) for u in unknowns)
 
 
 # -- the facts ----------------------------------------------------------------------------------
@@ -523,7 +573,7 @@ def _screen(ctx: Context, a: dict[str, Any], keep: Callable[[dict[str, Any]], bo
 
 
 def _unreadable(a: dict[str, Any], count: int) -> Result:
-    return Result.not_known(unreadable_reason(a["label"], "Observation", count))
+    return Result.not_known(unreadable_reason(a["label"], "Observation", count), kind=UNREADABLE)
 
 
 def observation_value(ctx: Context, a: dict[str, Any]) -> Result:
@@ -841,7 +891,8 @@ def prior_imaging(ctx: Context, a: dict[str, Any]) -> Result:
     if found:
         return Result.present(found)
     if missing:
-        return Result.not_known(f"{a['label']}: {', '.join(missing)} could not be checked")
+        return Result.not_known(f"{a['label']}: {', '.join(missing)} could not be checked",
+                                kind=UNAVAILABLE, fetch=missing[0])
     return Result.absent()
 
 
@@ -913,9 +964,9 @@ def latest_answers(ctx: Context, link_id: str, within_days: float | None = None
 def _unanswered(ctx: Context, label: str, link_id: str) -> Result:
     if not ctx.record.available("QuestionnaireResponse"):
         return Result.not_known(f"{label}: the intake questionnaire could not be checked",
-                                ask=[link_id])
+                                ask=[link_id], kind=UNAVAILABLE, fetch="QuestionnaireResponse")
     return Result.not_known(f"{label}: not asked (intake item {link_id} unanswered)",
-                            ask=[link_id])
+                            ask=[link_id], kind=NOT_ASKED)
 
 
 def answer(ctx: Context, a: dict[str, Any]) -> Result:
@@ -980,9 +1031,12 @@ def startback(ctx: Context, a: dict[str, Any]) -> Result:
     scores = startback_scores(ctx)
     if scores is None:
         if not ctx.record.available("QuestionnaireResponse"):
-            return Result.not_known("STarT Back: the intake questionnaire could not be checked")
+            return Result.not_known("STarT Back: the intake questionnaire could not be checked",
+                                    kind=UNAVAILABLE, topic="startback",
+                                    fetch="QuestionnaireResponse")
         return Result.not_known("STarT Back: not every item answered",
-                                ask=tuple(ctx.knowledge.param("$startback_items")))
+                                ask=tuple(ctx.knowledge.param("$startback_items")),
+                                kind=NOT_ASKED, topic="startback")
     total, sub = scores
     k = ctx.knowledge
     if sub >= int(k.param("$startback_high_min_subscale")):
@@ -1018,13 +1072,8 @@ def age(ctx: Context, a: dict[str, Any]) -> Result:
     return Result.present([ev], value=years) if ok else Result.absent([ev])
 
 
-def sex(ctx: Context, a: dict[str, Any]) -> Result:
-    """Patient.gender (or the sex-parameter-for-clinical-use extension) is as asked."""
-    patient = ctx.record.patient
-    if patient is None:
-        if not ctx.record.available("Patient"):
-            return unavailable(ctx, "Patient", "sex")
-        return Result.not_known("sex: no Patient resource")
+def clinical_sex(patient: Any) -> str | None:
+    """Patient.gender, or the sex-parameter-for-clinical-use extension where it says more."""
     value = patient.gender
     for ext in patient.extension or []:
         if ext.url == SEX_EXTENSION:
@@ -1032,6 +1081,29 @@ def sex(ctx: Context, a: dict[str, Any]) -> Result:
                 if sub.url == "value" and sub.valueCodeableConcept is not None:
                     code = status_code(sub.valueCodeableConcept) or ""
                     value = {"female-typical": "female", "male-typical": "male"}.get(code, value)
+    return str(value) if value else None
+
+
+def sex_and_age(record: PatientRecord, now: datetime) -> tuple[str | None, int | None]:
+    """The patient's clinical sex (female / male, else None) and age in years (else None), for
+    leaving off a card what cannot apply to them."""
+    patient = record.patient
+    if patient is None:
+        return None, None
+    value = clinical_sex(patient)
+    birth = getattr(patient, "birthDate", None)
+    return (value if value in ("female", "male") else None,
+            age_years(birth, now) if birth is not None else None)
+
+
+def sex(ctx: Context, a: dict[str, Any]) -> Result:
+    """Patient.gender (or the sex-parameter-for-clinical-use extension) is as asked."""
+    patient = ctx.record.patient
+    if patient is None:
+        if not ctx.record.available("Patient"):
+            return unavailable(ctx, "Patient", "sex")
+        return Result.not_known("sex: no Patient resource")
+    value = clinical_sex(patient)
     if value not in ("female", "male"):
         return Result.not_known(f"sex: recorded as {value or 'nothing'}")
     ev = Evidence("Sex", str(value), "", ref(patient))

@@ -199,6 +199,50 @@ class Service:
 
 
 @dataclass(frozen=True)
+class Phrase:
+    """How a card names an unknown: clinical words, and the patients it can apply to."""
+
+    say: str
+    sex: str | None = None
+    min_age: float | None = None
+    max_age: float | None = None
+
+    def applies(self, sex: str | None, age: float | None) -> bool:
+        """Whether this can matter for the patient (unknown sex or age: it might)."""
+        if self.sex and sex and sex != self.sex:
+            return False
+        if age is not None and self.min_age is not None and age < self.min_age:
+            return False
+        return not (age is not None and self.max_age is not None and age > self.max_age)
+
+
+@dataclass(frozen=True)
+class CardStyle:
+    """``card-style.yaml``: the card budget and the words for what could not be checked."""
+
+    summary_chars: int = 140
+    detail_words: Mapping[str, int] = field(
+        default_factory=lambda: {"info": 120, "warning": 120, "critical": 180})
+    static_words: Mapping[str, int] = field(
+        default_factory=lambda: {"info": 70, "warning": 70, "critical": 120})
+    evidence_lines: int = 3
+    not_checked_named: int = 3
+    rules: Mapping[str, Phrase] = field(default_factory=dict)  # in danger order
+    topics: Mapping[str, Phrase] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AskSpec:
+    """A rule's ask state: when ``when`` (the known part) holds and the rule is unknown only
+    because of the topics in ``about``, the card asks instead of staying silent."""
+
+    indicator: str
+    when: Any
+    about: tuple[str, ...]
+    silent_beside: tuple[str, ...] = ("critical",)
+
+
+@dataclass(frozen=True)
 class RuleSpec:
     """A rule as written in ``rules.yaml`` (trees still raw; ``rules.py`` compiles them)."""
 
@@ -216,6 +260,7 @@ class RuleSpec:
     silent_beside: tuple[str, ...] = ()
     for_each_order: str | None = None
     folder: str = ""
+    ask: AskSpec | None = None
 
 
 @dataclass
@@ -237,6 +282,7 @@ class Knowledge:
     categories: dict[str, dict[str, str]] = field(default_factory=dict)
     # Which problem-list entries count, by value set id (``problem-list.yaml``; absent: current).
     problem_list: dict[str, Currency] = field(default_factory=dict)
+    style: CardStyle = field(default_factory=CardStyle)
     valueset_use: set[str] = field(default_factory=set)
     # value set id -> the facts whose `valueset` argument names it (recorded by ``RuleEngine``).
     valueset_facts: dict[str, set[str]] = field(default_factory=dict)
@@ -389,6 +435,7 @@ def load(root: Path | None = None, parameters_file: Path | None = None) -> Knowl
         valuesets=valuesets, ingredient_map=ingredient_map, questionnaire=questionnaire,
         services=services, rules=rules, cards=cards, categories=categories,
         problem_list=_load_problem_list(root / "problem-list.yaml"),
+        style=_load_style(root / "card-style.yaml"),
         digest=pack_digest(root, parameters_file),
     )
     _cross_check(knowledge)
@@ -609,8 +656,21 @@ def _load_rules(folder: Path) -> list[RuleSpec]:
             notes=tuple((str(n["id"]), n["when"]) for n in spec.get("notes") or []),
             silent_beside=tuple(spec.get("silent_beside") or ()),
             for_each_order=spec.get("for_each_order"), folder=folder.name,
+            ask=_ask_spec(spec.get("ask"), f"{folder.name}/rules.yaml rule {rid}"),
         ))
     return out
+
+
+def _ask_spec(raw: Any, where: str) -> AskSpec | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - {"indicator", "when", "about", "silent_beside"}:
+        raise KnowledgeError(f"{where}: ask takes indicator, when, about and silent_beside")
+    about = raw.get("about")
+    if not raw.get("when") or not isinstance(about, list) or not about:
+        raise KnowledgeError(f"{where}: ask needs when (the known part) and a list 'about'")
+    return AskSpec(str(raw.get("indicator", "info")), raw["when"], tuple(str(a) for a in about),
+                   tuple(raw.get("silent_beside", ("critical",))))
 
 
 INDICATORS = ("info", "warning", "critical")
@@ -643,6 +703,60 @@ def _load_problem_list(path: Path) -> dict[str, Currency]:
     return out
 
 
+def _phrases(raw: Any, where: str) -> dict[str, Phrase]:
+    out: dict[str, Phrase] = {}
+    for key, entry in (raw or {}).items():
+        if not isinstance(entry, dict) or not entry.get("say"):
+            raise KnowledgeError(f"{where} {key}: needs say")
+        applies = entry.get("applies") or {}
+        if set(entry) - {"say", "applies"} or set(applies) - {"sex", "min_age", "max_age"}:
+            raise KnowledgeError(f"{where} {key}: takes say and applies (sex, min_age, max_age)")
+        if applies.get("sex") not in (None, "male", "female"):
+            raise KnowledgeError(f"{where} {key}: applies.sex must be male or female")
+        out[str(key)] = Phrase(str(entry["say"]), applies.get("sex"), applies.get("min_age"),
+                               applies.get("max_age"))
+    return out
+
+
+def _load_style(path: Path) -> CardStyle:
+    """``card-style.yaml`` (optional: a pack without it gets the CDS Hooks limits and words
+    taken from its questionnaire and value sets)."""
+    if not path.is_file():
+        return CardStyle()
+    raw = _yaml(path)
+    budget = raw.get("budget") or {}
+    default = CardStyle()
+    try:
+        style = CardStyle(
+            summary_chars=int(budget.get("summary_chars", default.summary_chars)),
+            detail_words={**default.detail_words, **(budget.get("detail_words") or {})},
+            static_words={**default.static_words, **(budget.get("static_words") or {})},
+            evidence_lines=int(budget.get("evidence_lines", default.evidence_lines)),
+            not_checked_named=int(budget.get("not_checked_named", default.not_checked_named)),
+            rules=_phrases(raw.get("rules"), "card-style.yaml rules"),
+            topics=_phrases(raw.get("topics"), "card-style.yaml topics"))
+    except (TypeError, ValueError) as exc:
+        raise KnowledgeError(f"card-style.yaml: budget: {exc}") from None
+    if not 0 < style.summary_chars <= 140:
+        raise KnowledgeError("card-style.yaml: summary_chars must be 1..140 (CDS Hooks 2.0)")
+    for name in ("detail_words", "static_words"):
+        if set(getattr(style, name)) != set(INDICATORS):
+            raise KnowledgeError(f"card-style.yaml: {name} needs info, warning and critical")
+    return style
+
+
+def _check_style(k: Knowledge) -> None:
+    rule_ids = {r.id for r in k.rules}
+    for rid in k.style.rules:
+        if rid not in rule_ids:
+            raise KnowledgeError(f"card-style.yaml rules: {rid} is not a rule")
+    known = k.questionnaire_items() | set(k.valuesets) | {"startback"}
+    for topic in k.style.topics:
+        if topic not in known and not topic[:1].isupper():
+            raise KnowledgeError(f"card-style.yaml topics: {topic} is neither an intake item, a "
+                                 "value set, startback nor a resource type")
+
+
 def _check_problem_list(k: Knowledge) -> None:
     for vs_id, cur in k.problem_list.items():
         where = f"problem-list.yaml {vs_id}"
@@ -664,6 +778,7 @@ def _check_problem_list(k: Knowledge) -> None:
 
 def _cross_check(k: Knowledge) -> None:
     _check_problem_list(k)
+    _check_style(k)
     seen: set[str] = set()
     for rule in k.rules:
         where = f"{rule.folder}/rules.yaml rule {rule.id}"
@@ -675,9 +790,20 @@ def _cross_check(k: Knowledge) -> None:
         for source in rule.sources:
             if source not in k.citations:
                 raise KnowledgeError(f"{where}: source {source} is not in citations.yaml")
-        for indicator in (rule.indicator, *[i for i, _ in rule.escalate], *rule.silent_beside):
+        asked = (rule.ask.indicator, *rule.ask.silent_beside) if rule.ask else ()
+        for indicator in (rule.indicator, *[i for i, _ in rule.escalate], *rule.silent_beside,
+                          *asked):
             if indicator not in INDICATORS:
                 raise KnowledgeError(f"{where}: indicator {indicator!r} is not one of {INDICATORS}")
+        if rule.ask:
+            known = set(k.questionnaire_items()) | set(k.valuesets)
+            for topic in rule.ask.about:
+                if topic not in known:
+                    raise KnowledgeError(f"{where}: ask about {topic!r}: neither an intake item "
+                                         "nor a value set")
+            if not isinstance(k.cards[rule.card].get("ask"), dict):
+                raise KnowledgeError(f"{where}: has an ask state but card {rule.card} has no "
+                                     "ask text")
         if rule.for_each_order:
             k.valueset(rule.for_each_order)
         card = k.cards[rule.card]
@@ -692,7 +818,18 @@ def _cross_check(k: Knowledge) -> None:
             raise KnowledgeError(f"rule {rule.id}: no service serves its hooks {rule.hooks}")
 
 
+def ask_card(card: dict[str, Any]) -> dict[str, Any]:
+    """The card of a rule's ask state: its ``ask`` block over the rest (suggestions, notes and
+    escalated summaries of the firing card do not carry over)."""
+    base = {key: v for key, v in card.items()
+            if key not in ("ask", "summary_by_indicator", "suggestions", "selectionBehavior",
+                           "notes")}
+    return {**base, **card["ask"]}
+
+
 def _check_card(k: Knowledge, card_id: str, card: dict[str, Any]) -> None:
+    if isinstance(card.get("ask"), dict):
+        _check_card(k, f"{card_id} (ask)", ask_card(card))
     where = f"card {card_id}"
     summaries = [card.get("summary", ""), *(card.get("summary_by_indicator") or {}).values()]
     for summary in summaries:

@@ -10,7 +10,7 @@ tree is present. The engine returns ``RuleMatch`` objects and nothing else: card
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +24,7 @@ from lbp_cds.facts import (
     Context,
     Evidence,
     Result,
+    Unknown,
     evaluate_fact,
 )
 from lbp_cds.fhir_data import PatientRecord
@@ -175,7 +176,13 @@ class RuleRef(Node):
     if_unknown: str | None = None
 
     def _evaluate(self, ctx: Context, engine: RuleEngine) -> Result:
-        return engine.outcome(self.rule_id, ctx)
+        r = engine.outcome(self.rule_id, ctx)
+        if not r.unknown or all(u.rule for u in r.unknown):
+            return r
+        # Unknowns remember the innermost rule they came through: "cauda equina symptoms not
+        # asked" reads better on a conservative-care card than four intake items.
+        tagged = tuple(u if u.rule else replace(u, rule=self.rule_id) for u in r.unknown)
+        return Result(r.status, r.evidence, tagged, r.ask, r.value)
 
 
 @dataclass
@@ -188,6 +195,7 @@ class CompiledRule:
     notes: list[tuple[str, Node]]
     order_filter: Node | None
     position: int
+    ask_when: Node | None = None
 
 
 @dataclass
@@ -197,12 +205,20 @@ class RuleMatch:
     rule: RuleSpec
     indicator: str
     evidence: tuple[Evidence, ...]
-    not_checked: tuple[str, ...]
+    unknowns: tuple[Unknown, ...]
     ask: tuple[str, ...]
     notes: tuple[str, ...] = ()
     order: Any | None = None
     position: int = 0
     values: dict[str, Any] = field(default_factory=dict)
+    state: str = "fire"  # or "ask": only unknowns stand between the rule and firing
+    silent_beside: tuple[str, ...] = ()
+    note_evidence: dict[str, tuple[Evidence, ...]] = field(default_factory=dict)
+
+    @property
+    def not_checked(self) -> tuple[str, ...]:
+        """Every unknown, as a sentence (the audit's and the card extension's full list)."""
+        return tuple(dict.fromkeys(u.reason for u in self.unknowns))
 
 
 class RuleEngine:
@@ -234,6 +250,7 @@ class RuleEngine:
                 notes=[(n, self._compile(t, f"{where} note {n}")) for n, t in spec.notes],
                 order_filter=order_filter,
                 position=pos,
+                ask_when=self._compile(spec.ask.when, f"{where} ask") if spec.ask else None,
             )
         self._check_cycles()
 
@@ -335,6 +352,7 @@ class RuleEngine:
             return out
 
         graph = {rid: set(refs(r.when)) | {x for _, n in r.escalate + r.notes for x in refs(n)}
+                 | (set(refs(r.ask_when)) if r.ask_when is not None else set())
                  for rid, r in self.rules.items()}
         state: dict[str, int] = {}
 
@@ -407,13 +425,15 @@ class RuleEngine:
                 match = self._match(rule, sub)
                 if match:
                     matches.append(match)
-        issued = {m.indicator for m in matches}
-        matches = [m for m in matches if not set(m.rule.silent_beside) & issued]
+        issued = {m.indicator for m in matches if m.state == "fire"}
+        matches = [m for m in matches if not set(m.silent_beside) & issued]
         matches.sort(key=lambda m: (SEVERITY[m.indicator], m.position))
         return matches
 
     def _match(self, rule: CompiledRule, ctx: Context) -> RuleMatch | None:
         result = self.outcome(rule.spec.id, ctx)
+        if result.status == UNKNOWN and rule.ask_when is not None:
+            return self._ask(rule, ctx, result)
         if result.status != PRESENT:
             return None
         indicator = rule.spec.indicator
@@ -421,14 +441,37 @@ class RuleEngine:
             if node.evaluate(ctx, self).status == PRESENT:
                 indicator = escalated
                 break
-        notes = tuple(n for n, node in rule.notes if node.evaluate(ctx, self).status == PRESENT)
+        noted = [(n, node.evaluate(ctx, self)) for n, node in rule.notes]
+        notes = tuple(n for n, r in noted if r.status == PRESENT)
+        note_evidence = {n: r.evidence for n, r in noted if r.status == PRESENT and r.evidence}
         evidence = result.evidence
         if ctx.order is not None and rule.order_filter is not None:
             judged = rule.order_filter.evaluate(ctx, self).evidence
             evidence = judged + tuple(e for e in evidence if e not in judged)
         return RuleMatch(rule.spec, indicator, evidence, result.unknown, result.ask, notes,
                          ctx.order, rule.position,
-                         {"value": result.value} if result.value is not None else {})
+                         {"value": result.value} if result.value is not None else {},
+                         silent_beside=rule.spec.silent_beside, note_evidence=note_evidence)
+
+
+    def _ask(self, rule: CompiledRule, ctx: Context, result: Result) -> RuleMatch | None:
+        """The rule's ask state: its known part holds and the unknowns standing between it and
+        firing include those the pack lets it ask about."""
+        spec = rule.spec.ask
+        assert spec is not None and rule.ask_when is not None
+        about = set(spec.about)
+        asked = tuple(u for u in result.unknown if u.topic in about)
+        if not asked:
+            return None
+        known = rule.ask_when.evaluate(ctx, self)
+        if known.status != PRESENT:
+            return None
+        # The questions first (most decisive), then whatever else was unknown.
+        unknowns = asked + tuple(u for u in result.unknown if u.topic not in about)
+        items = tuple(q for q in result.ask if q in about)
+        return RuleMatch(rule.spec, spec.indicator, known.evidence, unknowns, items, (),
+                         ctx.order, rule.position, state="ask",
+                         silent_beside=spec.silent_beside)
 
 
 def _default_label(fact: str, args: dict[str, Any]) -> str:
