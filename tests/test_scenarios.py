@@ -17,6 +17,7 @@ import pytest
 import yaml
 from fhir.resources.R4B import get_fhir_model_class
 
+from lbp_cds.cards import words
 from lbp_cds.fixtures import hook_request, read_scenario
 from lbp_cds.hooks import response_issues
 
@@ -92,3 +93,51 @@ def test_scenario(real_app, path: Path):
                 if "resource" in action:
                     resource = action["resource"]
                     get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+
+
+@pytest.fixture(scope="module")
+def all_cards(real_app) -> list[tuple[str, dict[str, Any]]]:
+    """Every card every fixture scenario gets, with the scenario's id."""
+    out = []
+    for path in SCENARIOS:
+        resp = call(real_app, path)
+        if resp.status_code == 200:
+            out += [(path.stem, c) for c in resp.json["cards"]]
+    return out
+
+
+@req("99")
+def test_every_card_is_readable_in_ten_seconds(real_app, all_cards):
+    """Issue 14's card budget, over every card of every fixture: the summary under the spec's
+    140 characters; the detail, evidence and all, within the words card-style.yaml allows the
+    indicator; at most 3 unasked questions named and 3 evidence lines; few enough lines that the
+    suggestion buttons below the detail are reached without scrolling (the CDS Hooks Sandbox
+    renders about 20 lines of card in a 900 px window)."""
+    style = real_app.extensions["lbp_cds"].knowledge.style
+    assert len(all_cards) > 100
+    for scenario, card in all_cards:
+        where = f"{scenario} {rule_of(card)}"
+        detail = card.get("detail", "")
+        assert len(card["summary"]) < style.summary_chars, where
+        assert words(detail) <= style.detail_words[card["indicator"]], (where, words(detail))
+        lines = [ln for ln in detail.splitlines() if ln.strip()]
+        assert len(lines) <= 12, (where, len(lines))
+        for line in lines:
+            if line.startswith("**Not checked:**"):
+                named = line.split("(+")[0].removeprefix("**Not checked:**").split(",")
+                assert len(named) <= style.not_checked_named, where
+            if line.startswith("**On record:**"):
+                assert len(line.split("(+")[0].split("; ")) <= style.evidence_lines, where
+        for suggestion in card.get("suggestions", []):
+            assert len(suggestion["label"].split()) <= 10, (where, suggestion["label"])
+        assert "listed below" not in detail and "was found" not in detail, where
+        assert " Cel" not in detail and "10*3" not in detail, where
+
+
+def test_words_per_card_are_reported(all_cards, capsys):
+    """The figures the closing note quotes (median and max words per card over the fixtures)."""
+    counts = sorted(words(c.get("detail", "")) for _, c in all_cards)
+    median = counts[len(counts) // 2]
+    with capsys.disabled():
+        print(f"\ncards {len(counts)}: detail words median {median}, max {counts[-1]}")
+    assert median <= 100

@@ -20,6 +20,7 @@ from lbp_cds.knowledge import Knowledge, Orderable, Phrase, ask_card
 from lbp_cds.rules import RuleMatch
 
 RULE_EXTENSION = "org.lbp-cds.rule"
+SOURCES_SHOWN = 2  # source ids at the foot of the detail; all are in the card's links
 # Hex digits of the knowledge digest a card shows (as a short git commit id: enough to tell the
 # pack versions a site has run apart; the store keeps all 64).
 KNOWLEDGE_DIGEST_SHOWN = 12
@@ -134,14 +135,29 @@ def _detail(m: RuleMatch, spec: dict[str, Any], k: Knowledge, cc: CardContext) -
         head.append("**The record could not be obtained: red flags and mimics were not checked.** "
                     "This rests on the order alone.")
     gaps, named, more = _not_checked(m, k, cc)
-    tail = []
-    if named:
-        tail.append("**Not checked:** " + ", ".join(_md(n) for n in named)
-                    + (f" (+{more} more)" if more else "") + ".")
-    if gaps:
-        tail.append("**Could not be checked:** " + "; ".join(_md(g) for g in gaps) + ".")
-    footer = f"_{m.rule.id} · {', '.join(m.rule.sources)}_"
-    room = style.detail_words[m.indicator] - sum(words(p) for p in (*head, *tail, footer)) - 5
+    sources = m.rule.sources[:SOURCES_SHOWN]
+    rest = len(m.rule.sources) - len(sources)
+    footer = f"_{m.rule.id} · {', '.join(sources)}" + (f" +{rest}" if rest else "") + "_"
+    limit = style.detail_words[m.indicator]
+
+    def tail_of(n: int) -> list[str]:
+        out = []
+        if named[:n]:
+            extra = more + len(named) - n
+            out.append("**Not checked:** " + ", ".join(_md(x) for x in named[:n])
+                       + (f" (+{extra} more)" if extra else "") + ".")
+        if gaps:
+            out.append("**Could not be checked:** " + "; ".join(_md(g) for g in gaps) + ".")
+        return out
+
+    # Over budget, the unasked questions shrink to the most dangerous one before the pack's
+    # words would be cut (they never are: check-knowledge holds them to their own budget).
+    n = len(named)
+    tail = tail_of(n)
+    while n > 1 and sum(words(p) for p in (*head, *tail, footer)) > limit:
+        n -= 1
+        tail = tail_of(n)
+    room = limit - sum(words(p) for p in (*head, *tail, footer)) - 5
     lines = _evidence_lines(m.evidence)
     shown: list[str] = []
     for line in lines[:style.evidence_lines]:

@@ -51,6 +51,7 @@ def lint(k: Knowledge) -> list[str]:
             if inc.get("filter") and not tagged_include:
                 problems.append(f"value set {vs_id}: a filter include has no verification tag")
     problems += _problem_list_conflicts(k)
+    problems += card_budget(k)
     for name, p in sorted(k.parameters.items()):
         if not p.source:
             problems.append(f"parameter {name} has no source")
@@ -93,3 +94,42 @@ def _terminology_parity(k: Knowledge, vs_id: str, doc: dict[str, Any]) -> list[s
         return []
     return [f"value set {vs_id} is used by a condition fact but has no {' or '.join(missing)} "
             "code and no valueset-single-system-reason extension"]
+
+
+def card_budget(k: Knowledge) -> list[str]:
+    """The pack's own words on each card within ``card-style.yaml``'s budget: the summary under
+    the spec's limit, and the detail plus its longest note within the static words of the
+    strictest indicator the card can be shown at (a card that escalates to critical still reads
+    as its warning self first). The rendered whole is checked over every fixture."""
+    from lbp_cds.cards import words
+    from lbp_cds.knowledge import ask_card
+
+    style = k.style
+    shown_at: dict[str, set[str]] = {}
+    asked_at: dict[str, set[str]] = {}
+    for rule in k.rules:
+        shown_at.setdefault(rule.card, set()).update(
+            {rule.indicator, *(i for i, _ in rule.escalate)})
+        if rule.ask:
+            asked_at.setdefault(rule.card, set()).add(rule.ask.indicator)
+    problems = []
+    for card_id, card in sorted(k.cards.items()):
+        variants = [(card_id, card, shown_at.get(card_id, set()))]
+        if isinstance(card.get("ask"), dict):
+            variants.append((f"{card_id} (ask)", ask_card(card), asked_at.get(card_id, set())))
+        for name, spec, indicators in variants:
+            if not indicators:
+                continue
+            summaries = [spec.get("summary", ""),
+                         *(spec.get("summary_by_indicator") or {}).values()]
+            for summary in summaries:
+                if len(summary) >= style.summary_chars:
+                    problems.append(f"card {name}: summary of {len(summary)} characters "
+                                    f"(budget < {style.summary_chars})")
+            limit = min(style.static_words[i] for i in indicators)
+            notes = [words(str(n)) for n in (spec.get("notes") or {}).values()]
+            used = words(str(spec.get("detail", ""))) + max(notes, default=0)
+            if used > limit:
+                problems.append(f"card {name}: detail and longest note have {used} words "
+                                f"(budget {limit} for {'/'.join(sorted(indicators))})")
+    return problems
