@@ -821,7 +821,7 @@ def prior_imaging(ctx: Context, a: dict[str, Any]) -> Result:
     start = since(ctx, a.get("within_days"))
     no_onset = False
     if a.get("since_onset_of"):
-        onset, _ = episode_onset(ctx, ctx.knowledge.valuesets[str(a["since_onset_of"])])
+        onset, _ = episode_onset(ctx, ctx.knowledge.valueset(str(a["since_onset_of"])))
         if onset is None:
             no_onset = True
         elif start is None or onset > start:
