@@ -200,3 +200,52 @@ def test_lint_names_a_rule_that_sets_a_status_the_problem_list_decides(tmp_path)
     k = knowledge.load(root)
     RuleEngine(k)
     assert any("status of ces is decided by problem-list.yaml" in p for p in lint(k))
+
+
+# -- issue 14: red flags corrected on the guideline ---------------------------------------------
+def test_a_neurogenic_bladder_explained_by_multiple_sclerosis_is_not_a_new_ces_feature(pack):
+    bladder = condition("N31.9", ICD, onset=None, recorded="2026-03-02", rid="nb")
+    ms = condition("G35", ICD, onset="2018-01-10", rid="ms")
+    assert fact(pack, "condition", [bladder, ms], valueset="neurogenic-bladder-bowel",
+                within_days=14).status == facts.ABSENT
+    assert fact(pack, "condition", [bladder], valueset="neurogenic-bladder-bowel",
+                within_days=14).status == facts.PRESENT
+
+
+def test_sciatica_of_each_side_counts_for_bilateral_only_when_recent(pack):
+    new_left = condition("M54.42", ICD, onset="2026-02-25", rid="l")
+    old_left = condition("M54.42", ICD, onset="2025-10-01", rid="l")
+    assert fact(pack, "condition", [new_left], valueset="sciatica-left",
+                within_days=14).status == facts.PRESENT
+    assert fact(pack, "condition", [old_left], valueset="sciatica-left",
+                within_days=14).status == facts.ABSENT
+
+
+def test_arthrodesis_status_and_skin_cancer_history_are_not_in_the_red_flag_sets(pack):
+    assert not pack.valuesets["prior-lumbar-surgery"].contains(ICD, "Z98.1")
+    assert pack.valuesets["prior-lumbar-surgery"].contains(
+        "http://www.cms.gov/Medicare/Coding/ICD10", "0SG00AJ")
+    assert not pack.valuesets["cancer-history"].contains(ICD, "Z85.828")
+    assert pack.valuesets["cancer-history"].contains(ICD, "Z85.820")
+
+
+def imaging_report(when: str) -> dict[str, Any]:
+    return {"resourceType": "DiagnosticReport", "id": "dr1", "status": "final",
+            "subject": {"reference": "Patient/p1"}, "effectiveDateTime": when,
+            "code": {"coding": [{"system": "http://loinc.org", "code": "30679-5"}]}}
+
+
+@pytest.mark.parametrize(("imaged", "status"), [("2026-02-25", facts.PRESENT),
+                                                ("2025-11-01", facts.ABSENT)])
+def test_prior_imaging_since_the_episode_onset(pack, imaged, status):
+    episode = condition("M54.42", ICD, onset="2026-01-20", rid="lbp")
+    result = fact(pack, "prior_imaging", [episode, imaging_report(imaged)],
+                  valueset="lumbar-imaging", since_onset_of="lbp-sciatica")
+    assert result.status == status
+
+
+def test_prior_imaging_since_onset_is_unknown_without_an_onset(pack):
+    undated = condition("M54.42", ICD, onset=None, rid="lbp")
+    result = fact(pack, "prior_imaging", [undated, imaging_report("2026-02-25")],
+                  valueset="lumbar-imaging", since_onset_of="lbp-sciatica")
+    assert result.status == facts.UNKNOWN

@@ -240,7 +240,8 @@ def _evidence_lines(evidence: tuple[Evidence, ...]) -> list[str]:
                 f" {e.value}", f", since {e.value}", 1) if e.value else _evidence_text(e))
             continue
         lines.append(_evidence_text(e))
-    return list(dict.fromkeys(lines))
+    # "; " separates lines on the card: a display holding one (CPT's) reads as a comma
+    return list(dict.fromkeys(line.replace("; ", ", ") for line in lines))
 
 
 def _not_checked(m: RuleMatch, k: Knowledge, cc: CardContext) -> tuple[list[str], list[str], int]:

@@ -861,9 +861,21 @@ def service_request(ctx: Context, a: dict[str, Any]) -> Result:
 
 
 def prior_imaging(ctx: Context, a: dict[str, Any]) -> Result:
-    """Imaging of the value set already done (ImagingStudy, DiagnosticReport, completed order)."""
+    """Imaging of the value set already done (ImagingStudy, DiagnosticReport, completed order).
+
+    ``since_onset_of`` (the id of the value set defining the episode) narrows to imaging dated
+    on or after the episode onset (``episode_onset``); without an onset, imaging found at any
+    time answers unknown (it cannot be placed before or after the episode).
+    """
     vs: ValueSet = a["valueset"]
     start = since(ctx, a.get("within_days"))
+    no_onset = False
+    if a.get("since_onset_of"):
+        onset, _ = episode_onset(ctx, ctx.knowledge.valueset(str(a["since_onset_of"])))
+        if onset is None:
+            no_onset = True
+        elif start is None or onset > start:
+            start = onset
     skip = _judged_ids(ctx)
     found, missing = [], []
     studies: tuple[tuple[str, Callable[[Any], Any], Callable[[Any], Any]], ...] = (
@@ -888,6 +900,9 @@ def prior_imaging(ctx: Context, a: dict[str, Any]) -> Result:
                 continue
             found.append(Evidence(f"{rtype}: {describe(match(concept_of(r), vs))}",
                                   str(getattr(r, "status", "") or ""), day(when), ref(r)))
+    if found and no_onset:
+        return Result.not_known(f"{a['label']}: no episode onset recorded to compare with",
+                                ask=["lbp-onset-date"])
     if found:
         return Result.present(found)
     if missing:
@@ -1240,7 +1255,7 @@ FACTS: dict[str, Fact] = {
                                    ("source", frozenset({"record", "draft", "any"})))),
     "procedure": _f(procedure, "valueset", "within_days"),
     "service_request": _f(service_request, "valueset", "within_days status"),
-    "prior_imaging": _f(prior_imaging, "valueset", "within_days"),
+    "prior_imaging": _f(prior_imaging, "valueset", "within_days since_onset_of"),
     "answer": _f(answer, "item", "equals op value within_days"),
     "answer_date_within": _f(answer_date_within, "item days"),
     "startback": replace(_f(startback, "risk", parameters=STARTBACK_PARAMETERS),
