@@ -245,6 +245,7 @@ def evaluate(rt: Runtime, service: Service, req: hooks.HookRequest, record: Pati
         patient_id=req.patient_id or "", now=now, encounter_id=req.encounter_id,
         user_id=req.user_id, base_url=base, record_checked=checked, sex=sex, age=age,
         draft_raw=raw_by_id.get,
+        drafts=tuple(r for r in req.draft_orders if isinstance(r, dict)),
     )
     for rtype, n in record.parse_failures.items():
         observability.PARSE_FAILURES.labels(rtype).inc(n)

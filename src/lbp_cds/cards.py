@@ -40,6 +40,7 @@ class CardContext:
     sex: str | None = None  # the patient's, to leave out what cannot apply to them
     age: float | None = None
     draft_raw: Callable[[str], dict[str, Any] | None] = lambda _id: None
+    drafts: tuple[dict[str, Any], ...] = ()  # every draft order of the call, as received
 
 
 @dataclass(frozen=True)
@@ -331,12 +332,21 @@ def _suggestion(s: dict[str, Any], m: RuleMatch, k: Knowledge, cc: CardContext
         return None
     if "unless_note" in s and s["unless_note"] in m.notes:
         return None
+    # Alternatives for one body region ("abdomen and pelvis: ultrasound") follow the judged order.
+    if "when_order" in s and not _order_in(m, k, s["when_order"]):
+        return None
+    if "unless_order" in s and _order_in(m, k, s["unless_order"]):
+        return None
     actions = []
     for a in s.get("actions") or []:
+        if a["type"] == "create" and _drafted(k.orderables[a["orderable"]], cc):
+            continue  # already drafted in this call: accepting would duplicate the order
         action = _action(a, m, k, cc)
         if action is None:
             return None  # an action that cannot be built here (e.g. delete without an order)
         actions.append(action)
+    if s.get("actions") and not actions:
+        return None
     out: dict[str, Any] = {"label": s["label"], "uuid": str(uuid.uuid4())}
     if s.get("isRecommended"):
         out["isRecommended"] = True
@@ -361,12 +371,40 @@ def _action(a: dict[str, Any], m: RuleMatch, k: Knowledge, cc: CardContext
     raw = cc.draft_raw(str(order.id))
     if raw is None:
         return None
-    updated = copy.deepcopy(raw)
     orderable = k.orderables[a["orderable"]]
+    if _same_code(raw, orderable) and a.get("priority", raw.get("priority")) == raw.get("priority"):
+        return None  # an update that leaves the order as it is
+    updated = copy.deepcopy(raw)
     updated["code"] = _code(orderable)
     if a.get("priority"):
         updated["priority"] = a["priority"]
     return {"type": "update", "description": a["description"], "resource": updated}
+
+
+def _codings(resource: dict[str, Any]) -> set[tuple[str, str]]:
+    code = resource.get("code")
+    if not isinstance(code, dict):
+        return set()
+    return {(str(c.get("system")), str(c.get("code"))) for c in code.get("coding") or []
+            if isinstance(c, dict)}
+
+
+def _same_code(resource: dict[str, Any], o: Orderable) -> bool:
+    """The resource is coded as the orderable (any shared system and code: an orderable's
+    codes name one procedure, body site included, in several code systems)."""
+    return bool(_codings(resource) & {(str(c["system"]), str(c["code"])) for c in o.codes})
+
+
+def _drafted(o: Orderable, cc: CardContext) -> bool:
+    """This call's draft orders already hold the orderable."""
+    return any(_same_code(raw, o) for raw in cc.drafts if isinstance(raw, dict))
+
+
+def _order_in(m: RuleMatch, k: Knowledge, vs_id: str) -> bool:
+    order = m.order
+    code = getattr(order, "code", None) if order is not None else None
+    vs = k.valuesets[vs_id]
+    return any(vs.contains(c.system, c.code) for c in (getattr(code, "coding", None) or []))
 
 
 def _code(o: Orderable) -> dict[str, Any]:

@@ -847,6 +847,12 @@ def _check_card(k: Knowledge, card_id: str, card: dict[str, Any]) -> None:
     for suggestion in suggestions:
         if not suggestion.get("label"):
             raise KnowledgeError(f"{where}: a suggestion lacks a label")
+        for key in ("when_order", "unless_order"):
+            if key in suggestion and suggestion[key] not in k.valuesets:
+                raise KnowledgeError(f"{where}: suggestion {suggestion['label']!r} {key} "
+                                     f"{suggestion[key]!r} is not a value set")
+            if key in suggestion:
+                k.valueset(suggestion[key])
         for key in ("when_note", "unless_note"):
             if key in suggestion and suggestion[key] not in (card.get("notes") or {}):
                 raise KnowledgeError(f"{where}: suggestion {suggestion['label']!r} {key} "
