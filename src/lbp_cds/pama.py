@@ -7,6 +7,10 @@ the guide's extensions (the rating, the qualified CDS mechanism consulted, a con
 criterion applied). Which orders are rated and how is the pack's ``pama.yaml``; this module reads
 the rules that fired (``rules.RuleMatch``) and the pack's condition trees, and builds the actions.
 Cards are ``cards.py``'s business and stay as they are.
+
+Cost: about 0.1 ms of CPU per order-hook call beside 4-5 ms of rule evaluation, 0.4 ms when the
+variant-3 tree of ``pama.yaml`` is read (process time, mean of 200 in-process calls on four order
+scenarios, the 2-core development machine, 2026-12-03).
 """
 
 from __future__ import annotations
