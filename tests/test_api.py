@@ -191,7 +191,7 @@ def test_operation_outcome_in_prefetch_is_refetched_and_412_without_server(clien
 
 
 def test_order_sign_without_record_judges_the_order_and_says_so(client):
-    body = hook_request(hook="order-sign", drafts=[imaging_order()])
+    body = hook_request(hook="order-sign", drafts=[imaging_order(code="24972-2")])
     order = body["context"]["draftOrders"]["entry"][0]["resource"]
     order["reasonCode"] = [{"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm",
                                         "code": "M54.41"}]}]
@@ -207,6 +207,18 @@ def test_order_sign_without_record_judges_the_order_and_says_so(client):
     assert update["resource"]["id"] == "sr1" and update["resource"]["reasonCode"]
     assert update["resource"]["code"]["coding"][0]["code"] == "30679-5"
     assert response_issues(resp.json) == []
+
+
+def test_no_update_that_leaves_the_order_as_it_is(client):
+    """Issue 14: 'change the MRI without contrast into the MRI without contrast' is not offered."""
+    body = hook_request(hook="order-sign", drafts=[imaging_order()])  # coded 30679-5 already
+    order = body["context"]["draftOrders"]["entry"][0]["resource"]
+    order["reasonCode"] = [{"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm",
+                                        "code": "M54.41"}]}]
+    resp = post(client, "mini-order-sign", body)
+    (card,) = resp.json["cards"]
+    kinds = [a["type"] for s in card["suggestions"] for a in s["actions"]]
+    assert "update" not in kinds and "delete" in kinds
 
 
 def test_order_select_judges_only_the_selected_orders(client):

@@ -21,7 +21,7 @@ from flask import Blueprint, Flask, Response, current_app, g, has_request_contex
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from lbp_cds import cards, facts, hooks, observability
+from lbp_cds import cards, facts, hooks, observability, pama
 from lbp_cds.auth import JwtVerifier
 from lbp_cds.config import Settings
 from lbp_cds.errors import (
@@ -206,7 +206,7 @@ def call_service(service_id: str) -> Response:
         observability.PRECONDITION_FAILED.labels(service_id).inc()
         raise
     _observe_fetch(record)
-    issued = evaluate(rt, service, req, record, rt.clock())
+    issued, actions = respond(rt, service, req, record, rt.clock())
     try:
         rt.store.record_issued(service.id, req.hook_instance, issued,
                                knowledge_digest=rt.knowledge.digest)
@@ -220,7 +220,7 @@ def call_service(service_id: str) -> Response:
                                     "rules": [c.rule_id for c in issued],
                                     "resources": record.total,
                                     "unparsable": sum(record.parse_failures.values())})
-    return json_response({"cards": [c.card for c in issued]})
+    return json_response(pama.response([c.card for c in issued], actions, rt.engine))
 
 
 def judged_orders(req: hooks.HookRequest, record: PatientRecord) -> list[Any]:
@@ -235,6 +235,12 @@ def judged_orders(req: hooks.HookRequest, record: PatientRecord) -> list[Any]:
 def evaluate(rt: Runtime, service: Service, req: hooks.HookRequest, record: PatientRecord,
              now: datetime) -> list[cards.IssuedCard]:
     """Evaluate the service's rules and render the cards (shared by the API and the CLI)."""
+    return respond(rt, service, req, record, now)[0]
+
+
+def respond(rt: Runtime, service: Service, req: hooks.HookRequest, record: PatientRecord,
+            now: datetime) -> tuple[list[cards.IssuedCard], list[dict[str, Any]]]:
+    """The cards, and the system actions that rate the judged imaging orders (``pama.py``)."""
     orders = judged_orders(req, record)
     matches = rt.engine.evaluate(service, record, now, orders)
     raw_by_id = {str(r.get("id")): r for r in req.draft_orders if isinstance(r, dict)}
@@ -254,7 +260,8 @@ def evaluate(rt: Runtime, service: Service, req: hooks.HookRequest, record: Pati
         log.warning("read leniently", extra={
             "unreadable": dict(record.parse_failures),
             "dropped_elements": {t: dict(c) for t, c in record.dropped.items()}})
-    return cards.render(matches, rt.knowledge, cc)
+    return cards.render(matches, rt.knowledge, cc), pama.system_actions(
+        rt.engine, service.id, req.hook, record, now, orders, matches, raw_by_id)
 
 
 def _observe_fetch(record: PatientRecord) -> None:

@@ -301,12 +301,12 @@ def format_cards(cards: list[dict[str, Any]], service_id: str, hook: str) -> str
 # -- knowledge and feedback -----------------------------------------------------------------------
 def cmd_check_knowledge(args: argparse.Namespace) -> int:
     """Load, compile and lint the pack; print a summary."""
-    from lbp_cds import knowledge
+    from lbp_cds import knowledge, pama
     from lbp_cds.lint import lint
     from lbp_cds.rules import RuleEngine
 
     pack = knowledge.load(args.knowledge_dir)
-    RuleEngine(pack)
+    pama.rater_for(RuleEngine(pack))
     problems = lint(pack)
     print(f"knowledge at {pack.root} (sha256 {pack.digest}): {len(pack.services)} services, "
           f"{len(pack.rules)} rules, "

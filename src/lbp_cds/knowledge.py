@@ -263,6 +263,59 @@ class RuleSpec:
     ask: AskSpec | None = None
 
 
+PAMA_RATINGS = ("appropriate", "not-appropriate", "no-criteria-apply")
+PAMA_HOOKS = ("order-select", "order-sign")
+
+
+@dataclass(frozen=True)
+class PamaLevel:
+    """A rating level a criterion gives a study ("Usually appropriate") and its PAMA code."""
+
+    id: str
+    text: str
+    pama: str
+
+
+@dataclass(frozen=True)
+class PamaCriterion:
+    """An appropriate use criterion (an ACR variant, say): the level it gives each study."""
+
+    id: str
+    source: str
+    text: str
+    ratings: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class PamaEntry:
+    """One line of ``pama.yaml`` ``decide``: a fired ``rule`` or a ``when`` tree, and what it
+    gives: a ``criterion``, ``rating: no-criteria-apply`` (with ``text``) or ``withhold``."""
+
+    rule: str | None
+    when: Any
+    criterion: str | None
+    rating: str | None
+    text: str
+    withhold: str | None
+    withhold_if_record_incomplete: bool
+
+
+@dataclass(frozen=True)
+class Pama:
+    """``pama.yaml``: how judged imaging orders get an appropriateness rating (``pama.py``)."""
+
+    guide: str
+    qcdsm: str
+    also_in_extension: bool
+    services: tuple[str, ...]
+    orders: str
+    levels: Mapping[str, PamaLevel]
+    studies: tuple[tuple[str, str], ...]
+    criteria: Mapping[str, PamaCriterion]
+    decide: tuple[PamaEntry, ...]
+    not_rated: Mapping[str, str]
+
+
 @dataclass
 class Knowledge:
     """The whole pack, loaded and cross-checked."""
@@ -283,6 +336,8 @@ class Knowledge:
     # Which problem-list entries count, by value set id (``problem-list.yaml``; absent: current).
     problem_list: dict[str, Currency] = field(default_factory=dict)
     style: CardStyle = field(default_factory=CardStyle)
+    # Appropriateness ratings of imaging orders (``pama.yaml``; absent: none are given).
+    pama: Pama | None = None
     valueset_use: set[str] = field(default_factory=set)
     # value set id -> the facts whose `valueset` argument names it (recorded by ``RuleEngine``).
     valueset_facts: dict[str, set[str]] = field(default_factory=dict)
@@ -436,6 +491,7 @@ def load(root: Path | None = None, parameters_file: Path | None = None) -> Knowl
         services=services, rules=rules, cards=cards, categories=categories,
         problem_list=_load_problem_list(root / "problem-list.yaml"),
         style=_load_style(root / "card-style.yaml"),
+        pama=_load_pama(root / "pama.yaml"),
         digest=pack_digest(root, parameters_file),
     )
     _cross_check(knowledge)
@@ -776,9 +832,172 @@ def _check_problem_list(k: Knowledge) -> None:
                 raise KnowledgeError(f"{where}: {name} must be a positive number of days")
 
 
+PAMA_KEYS = {"version", "guide", "qcdsm", "also_in_extension", "services", "orders", "levels",
+             "studies", "criteria", "decide", "not_rated"}
+PAMA_ENTRY_KEYS = {"rule", "when", "criterion", "rating", "text", "withhold",
+                   "withhold_if_record_incomplete"}
+
+
+def _load_pama(path: Path) -> Pama | None:
+    """``pama.yaml`` (optional file): its shape; references are checked by ``_check_pama``."""
+    if not path.is_file():
+        return None
+    return parse_pama(_yaml(path))
+
+
+def parse_pama(doc: Mapping[str, Any]) -> Pama:
+    """Read a ``pama.yaml`` document.
+
+    Raises:
+        KnowledgeError: a key is unknown or missing, or a value has the wrong shape.
+    """
+    where = "pama.yaml"
+    unknown = set(doc) - PAMA_KEYS
+    if unknown:
+        raise KnowledgeError(f"{where}: unknown keys {sorted(unknown)}")
+    if doc.get("version") != 1:
+        raise KnowledgeError(f"{where}: version must be 1")
+    for key in ("guide", "qcdsm", "orders"):
+        if not isinstance(doc.get(key), str) or not doc[key].strip():
+            raise KnowledgeError(f"{where}: {key} must be a non-empty string")
+    if not doc["guide"].startswith(("http://", "https://")):
+        raise KnowledgeError(f"{where}: guide must be an http(s) URL")
+    services = doc.get("services")
+    if not isinstance(services, list) or not services:
+        raise KnowledgeError(f"{where}: services must be a non-empty list of service ids")
+    levels: dict[str, PamaLevel] = {}
+    for lid, level in _mapping(doc, "levels", where).items():
+        if not isinstance(level, dict) or not level.get("text") or \
+                level.get("pama") not in ("appropriate", "not-appropriate"):
+            raise KnowledgeError(f"{where} level {lid}: needs text, and pama appropriate or "
+                                 "not-appropriate")
+        levels[str(lid)] = PamaLevel(str(lid), str(level["text"]), str(level["pama"]))
+    studies = []
+    for study in doc.get("studies") or []:
+        if not isinstance(study, dict) or not study.get("id") or not study.get("valueset"):
+            raise KnowledgeError(f"{where}: each study needs id and valueset, got {study!r}")
+        studies.append((str(study["id"]), str(study["valueset"])))
+    if not studies or len({s for s, _ in studies}) != len(studies):
+        raise KnowledgeError(f"{where}: studies must be a non-empty list of distinct ids")
+    criteria: dict[str, PamaCriterion] = {}
+    for cid, crit in _mapping(doc, "criteria", where).items():
+        if not isinstance(crit, dict) or not crit.get("source") or not crit.get("text") or \
+                not isinstance(crit.get("ratings"), dict) or not crit["ratings"]:
+            raise KnowledgeError(f"{where} criterion {cid}: needs source, text and ratings")
+        criteria[str(cid)] = PamaCriterion(
+            str(cid), str(crit["source"]), str(crit["text"]),
+            {str(k): str(v) for k, v in crit["ratings"].items()})
+    decide = []
+    for pos, entry in enumerate(doc.get("decide") or []):
+        at = f"{where} decide[{pos}]"
+        if not isinstance(entry, dict):
+            raise KnowledgeError(f"{at}: expected a mapping")
+        bad = set(entry) - PAMA_ENTRY_KEYS
+        if bad:
+            raise KnowledgeError(f"{at}: unknown keys {sorted(bad)}")
+        if ("rule" in entry) == ("when" in entry):
+            raise KnowledgeError(f"{at}: needs exactly one of rule and when")
+        gives = [k for k in ("criterion", "rating", "withhold") if k in entry]
+        if len(gives) != 1:
+            raise KnowledgeError(f"{at}: needs exactly one of criterion, rating and withhold")
+        if "rating" in entry and (entry["rating"] != "no-criteria-apply" or not entry.get("text")):
+            raise KnowledgeError(f"{at}: rating can only be no-criteria-apply, with its text")
+        if "text" in entry and "rating" not in entry:
+            raise KnowledgeError(f"{at}: text goes with rating: no-criteria-apply")
+        flag = entry.get("withhold_if_record_incomplete", False)
+        if not isinstance(flag, bool):
+            raise KnowledgeError(f"{at}: withhold_if_record_incomplete must be true or false")
+        decide.append(PamaEntry(
+            rule=str(entry["rule"]) if "rule" in entry else None, when=entry.get("when"),
+            criterion=str(entry["criterion"]) if "criterion" in entry else None,
+            rating=entry.get("rating"), text=str(entry.get("text") or ""),
+            withhold=str(entry["withhold"]) if "withhold" in entry else None,
+            withhold_if_record_incomplete=flag))
+    if not decide:
+        raise KnowledgeError(f"{where}: decide must list at least one entry")
+    also = doc.get("also_in_extension", False)
+    if not isinstance(also, bool):
+        raise KnowledgeError(f"{where}: also_in_extension must be true or false")
+    return Pama(
+        guide=str(doc["guide"]), qcdsm=str(doc["qcdsm"]), also_in_extension=also,
+        services=tuple(str(s) for s in services), orders=str(doc["orders"]), levels=levels,
+        studies=tuple(studies), criteria=criteria, decide=tuple(decide),
+        not_rated={str(k): str(v) for k, v in _mapping(doc, "not_rated", where).items()})
+
+
+def _mapping(doc: Mapping[str, Any], key: str, where: str) -> Mapping[Any, Any]:
+    value = doc.get(key) or {}
+    if not isinstance(value, dict):
+        raise KnowledgeError(f"{where}: {key} must be a mapping")
+    return value
+
+
+def _check_pama(k: Knowledge) -> None:
+    """Every reference of ``pama.yaml`` resolves, and every rule that runs at its services'
+    hooks either decides a rating or is listed in ``not_rated`` with why."""
+    p = k.pama
+    if p is None:
+        return
+    where = "pama.yaml"
+    hooks: set[str] = set()
+    for sid in p.services:
+        served = k.services_with_id(sid)
+        if not served:
+            raise KnowledgeError(f"{where}: unknown service {sid!r}")
+        for s in served:
+            if s.hook not in PAMA_HOOKS:
+                raise KnowledgeError(f"{where}: service {sid} serves {s.hook}; ratings are for "
+                                     f"{' and '.join(PAMA_HOOKS)}")
+            hooks.add(s.hook)
+    for vs_id in (p.orders, *(vs for _, vs in p.studies)):
+        try:
+            k.valueset(vs_id)
+        except KnowledgeError as exc:
+            raise KnowledgeError(f"{where}: {exc}") from None
+    studies = {s for s, _ in p.studies}
+    for crit in p.criteria.values():
+        at = f"{where} criterion {crit.id}"
+        if crit.source not in k.citations:
+            raise KnowledgeError(f"{at}: source {crit.source!r} is not in citations.yaml")
+        for study, level in crit.ratings.items():
+            if study not in studies:
+                raise KnowledgeError(f"{at}: unknown study {study!r}")
+            if level not in p.levels:
+                raise KnowledgeError(f"{at}: unknown level {level!r}")
+    rules = {r.id: r for r in k.rules}
+    deciding = set()
+    for pos, entry in enumerate(p.decide):
+        at = f"{where} decide[{pos}]"
+        if entry.criterion is not None and entry.criterion not in p.criteria:
+            raise KnowledgeError(f"{at}: unknown criterion {entry.criterion!r}")
+        if entry.rule is not None:
+            rid, _, state = entry.rule.partition("/")
+            rule = rules.get(rid)
+            if rule is None or state not in ("", "ask") or (state and rule.ask is None):
+                raise KnowledgeError(f"{at}: unknown rule {entry.rule!r} (a rule id, or "
+                                     "RULE/ask for a rule with an ask state)")
+            if not hooks <= set(rule.hooks):
+                raise KnowledgeError(f"{at}: rule {entry.rule} does not run at every hook of "
+                                     f"{', '.join(p.services)}; name it in a when tree")
+            deciding.add(entry.rule)
+    for rid in p.not_rated:
+        if rid.partition("/")[0] not in rules:
+            raise KnowledgeError(f"{where} not_rated: unknown rule {rid!r}")
+        if rid in deciding:
+            raise KnowledgeError(f"{where} not_rated: {rid} also decides a rating")
+    running = [r.id for r in k.rules if set(r.hooks) & hooks]
+    running += [f"{r.id}/ask" for r in k.rules if set(r.hooks) & hooks and r.ask is not None]
+    missing = [rid for rid in running if rid not in deciding and rid not in p.not_rated]
+    if missing:
+        raise KnowledgeError(f"{where}: rules {', '.join(missing)} run at "
+                             f"{', '.join(sorted(hooks))} but neither decide a rating nor are "
+                             "listed in not_rated")
+
+
 def _cross_check(k: Knowledge) -> None:
     _check_problem_list(k)
     _check_style(k)
+    _check_pama(k)
     seen: set[str] = set()
     for rule in k.rules:
         where = f"{rule.folder}/rules.yaml rule {rule.id}"
