@@ -1038,11 +1038,10 @@ def _cross_check(k: Knowledge) -> None:
 
 
 def ask_card(card: dict[str, Any]) -> dict[str, Any]:
-    """The card of a rule's ask state: its ``ask`` block over the rest (suggestions, notes and
-    escalated summaries of the firing card do not carry over)."""
+    """The card of a rule's ask state: its ``ask`` block over the rest (the firing card's
+    suggestions and escalated summaries do not carry over; its notes do)."""
     base = {key: v for key, v in card.items()
-            if key not in ("ask", "summary_by_indicator", "suggestions", "selectionBehavior",
-                           "notes")}
+            if key not in ("ask", "summary_by_indicator", "suggestions", "selectionBehavior")}
     return {**base, **card["ask"]}
 
 

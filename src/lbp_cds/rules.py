@@ -469,7 +469,8 @@ class RuleEngine:
         # The questions first (most decisive), then whatever else was unknown.
         unknowns = asked + tuple(u for u in result.unknown if u.topic not in about)
         items = tuple(q for q in result.ask if q in about)
-        return RuleMatch(rule.spec, spec.indicator, known.evidence, unknowns, items, (),
+        notes = tuple(n for n, node in rule.notes if node.evaluate(ctx, self).status == PRESENT)
+        return RuleMatch(rule.spec, spec.indicator, known.evidence, unknowns, items, notes,
                          ctx.order, rule.position, state="ask",
                          silent_beside=spec.silent_beside)
 
