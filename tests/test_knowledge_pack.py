@@ -208,8 +208,27 @@ def test_a_drug_named_by_its_ingredient_in_a_local_form_or_route_is_not_systemic
 
 def test_a_recent_lumbar_cord_or_root_injury_justifies_early_imaging(pack):
     """HEDIS's trauma exclusion (clinical-rules 1.7) covers injuries of the lumbar cord, cauda
-    equina and nerve roots (S34), not only sprains and dislocations (S33)."""
+    equina and nerve roots (S34), and dislocations and traumatic disc rupture (S33.0-S33.4)."""
     trauma = pack.valueset("lumbar-trauma")
     icd = "http://hl7.org/fhir/sid/icd-10-cm"
-    assert trauma.contains(icd, "S33.5XXA") and trauma.contains(icd, "S34.21XA")
+    assert trauma.contains(icd, "S33.0XXA") and trauma.contains(icd, "S34.21XA")
+    assert trauma.contains(icd, "S33.141A")
     assert not trauma.contains(icd, "M54.50")
+
+
+def test_a_lumbar_sprain_is_not_trauma_that_justifies_early_imaging(pack):
+    """Issue 14: a sprain (S33.5, S33.6, S33.8, S33.9) is ordinary mechanical low back pain, not
+    the injury with fracture risk of ACR-LBP-2021 variant 6: it must not silence LV-1."""
+    trauma = pack.valueset("lumbar-trauma")
+    icd = "http://hl7.org/fhir/sid/icd-10-cm"
+    for code in ("S33.5XXA", "S33.6XXA", "S33.8XXD", "S33.9XXA"):
+        assert not trauma.contains(icd, code), code
+
+
+def test_a_sciatic_nerve_lesion_is_episode_context_but_not_radiculopathy(pack):
+    """Issue 14: G57.0x (sciatic nerve lesion, piriformis) lies distal to the lumbar roots: it
+    keeps the patient in the back-pain episode but does not make a lumbar MRI appropriate."""
+    icd = "http://hl7.org/fhir/sid/icd-10-cm"
+    assert not pack.valueset("lumbosacral-radiculopathy").contains(icd, "G57.01")
+    assert pack.valueset("lumbosacral-radiculopathy").contains(icd, "M54.16")
+    assert pack.valueset("lbp-sciatica").contains(icd, "G57.01")

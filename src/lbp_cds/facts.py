@@ -48,6 +48,8 @@ UNIT_CONVERSIONS: dict[tuple[str, str], Callable[[float], float]] = {
     ("/min", "{beats}/min"): lambda v: v,
     ("{beats}/min", "/min"): lambda v: v,
     ("mm[Hg]", "mm[Hg]"): lambda v: v,
+    ("d", "wk"): lambda v: v / 7.0,
+    ("wk", "d"): lambda v: v * 7.0,
 }
 UNIT_ALIASES = {"degF": "[degF]", "°F": "[degF]", "F": "[degF]", "°C": "Cel", "C": "Cel",
                 "degC": "Cel", "lb": "[lb_av]", "lbs": "[lb_av]", "bpm": "/min",
@@ -739,26 +741,42 @@ def _therapy_days(mr: Any, now: datetime) -> float:
     return max(elapsed if start and mr.status == "active" else 0.0, supply)
 
 
+def _record_requests(ctx: Context, vs: ValueSet) -> list[Any]:
+    """The record's MedicationRequests for a drug of the value set (by code, or by the name of
+    one of its ingredients), parsed; those that cannot be parsed are left out (and counted)."""
+    coded = {pos for pos, _raw in ctx.record.coded_raw("MedicationRequest", vs)}
+    out = []
+    for pos, raw in ctx.record.raw_all("MedicationRequest"):
+        if pos in coded or _raw_names(raw, vs):
+            model = ctx.record.parse("MedicationRequest", pos)
+            if model is not None:
+                out.append(model)
+    return out
+
+
 def medication(ctx: Context, a: dict[str, Any]) -> Result:
-    """A MedicationRequest for a drug of the value set (ingredient, or product mapped to one)."""
+    """A MedicationRequest for a drug of the value set (ingredient, or product mapped to one).
+
+    With ``for_episode: true`` only a prescription of this episode counts (``_episode_claim``):
+    one whose reason is the episode's diagnosis, or, without a reason, one started on or after
+    the episode began that continues no earlier prescription of the same ingredient.
+    """
     vs: ValueSet = a["valueset"]
     source = a.get("source", "any")
     want_active = a.get("status", "active") == "active"
     start = since(ctx, a.get("within_days"))
+    record = _record_requests(ctx, vs) if source in ("record", "any") or a.get("for_episode") \
+        else []
     candidates: list[tuple[Any, bool]] = []
     if source in ("record", "any"):
-        coded = {pos for pos, _raw in ctx.record.coded_raw("MedicationRequest", vs)}
-        for pos, raw in ctx.record.raw_all("MedicationRequest"):
-            if pos in coded or _raw_names(raw, vs):
-                model = ctx.record.parse("MedicationRequest", pos)
-                if model is not None:
-                    candidates.append((model, False))
+        candidates += [(m, False) for m in record]
     if source in ("draft", "any"):
         candidates += [(m, True) for m in ctx.record.draft_orders()
                        if m.get_resource_type() == "MedicationRequest"
                        and (match(m.medicationCodeableConcept, vs) is not None
                             or _names(m, vs))]
     found = []
+    undecided: list[str] = []
     for mr, draft in candidates:
         if not draft and want_active and mr.status != "active":
             continue
@@ -771,13 +789,89 @@ def medication(ctx: Context, a: dict[str, Any]) -> Result:
         what = describe(coding) if coding is not None else (
             f"{_drug_text(mr.medicationCodeableConcept)} (recognised by its ingredient name: "
             "the product code is not in the knowledge's RxNorm map)")
+        value = "draft" if draft else str(mr.status)
+        if a.get("for_episode"):
+            claim, why = _episode_claim(ctx, mr, draft, vs, record)
+            if claim is None:
+                undecided.append(f"{_drug_text(mr.medicationCodeableConcept)}: {why}")
+                continue
+            if not claim:
+                continue
+            value = f"{value}; {why}"
         found.append(Evidence(f"{'Draft order' if draft else 'MedicationRequest'}: {what}",
-                              "draft" if draft else str(mr.status), day(when), ref(mr)))
+                              value, day(when), ref(mr)))
     if found:
         return Result.present(found)
+    if undecided:
+        return Result.not_known(f"{a['label']}: could not tell whether "
+                                f"{'; '.join(undecided)}", ask=["lbp-onset-date"])
     if source != "draft" and not ctx.record.available("MedicationRequest"):
         return unavailable(ctx, "MedicationRequest", a["label"])
     return Result.absent()
+
+
+NOT_THERAPY = ("entered-in-error", "cancelled", "draft")
+
+
+def _episode_claim(ctx: Context, mr: Any, draft: bool, vs: ValueSet, record: list[Any]
+                   ) -> tuple[bool | None, str]:
+    """Whether a prescription belongs to this episode (True / False / None: cannot tell), and
+    why, in words for the card.
+
+    Its stated reason decides first: a reason in the episode's value set (the one
+    ``problem-list.yaml`` gives ``episode_gap_days``) makes it the episode's; a coded reason
+    outside it (post-herpetic neuralgia, COPD) makes it another indication's. Without a reason,
+    the dates decide: started before the episode began, or continuing a prescription of the
+    same ingredient dated before the episode began (a refill of long-standing therapy), it is
+    not the episode's; otherwise it is. The episode's onset is ``episode_onset``'s.
+    """
+    episode_id = ctx.knowledge.episode_valueset
+    if episode_id is None:
+        return None, "the knowledge defines no episode"
+    episode = ctx.knowledge.valuesets[episode_id]
+    reasons = list(codings(mr.reasonCode))
+    for reference in mr.reasonReference or []:
+        target = ctx.record.by_reference(reference.reference or "")
+        if target is not None and target.get_resource_type() == "Condition" and \
+                status_code(target.verificationStatus) not in IGNORED_VERIFICATION:
+            reasons += codings(target.code)
+    for coding in reasons:
+        if episode.contains(coding.system, coding.code):
+            return True, f"prescribed for {describe(coding)}"
+    if any(c.code for c in reasons):
+        other = next(c for c in reasons if c.code)
+        return False, f"prescribed for another indication: {describe(other)}"
+    onset, _ev = episode_onset(ctx, episode)
+    if onset is None:
+        return None, "it belongs to this episode (no onset date of the episode)"
+    when = as_datetime(mr.authoredOn) or (ctx.now if draft else None)
+    if when is None:
+        return None, "it belongs to this episode (no date on the prescription)"
+    if when.date() < onset.date():
+        return False, f"started {day(when)}, before this episode began ({day(onset)})"
+    mine = _ingredients(ctx, mr, vs)
+    for other in record:
+        if other is mr or other.status in NOT_THERAPY:
+            continue
+        before = as_datetime(other.authoredOn)
+        if before is None or before.date() >= onset.date():
+            continue
+        theirs = _ingredients(ctx, other, vs)
+        if not mine or not theirs or mine & theirs:
+            return False, (f"continues {_drug_text(other.medicationCodeableConcept)} prescribed "
+                           f"{day(before)}, before this episode began ({day(onset)})")
+    return True, f"started within this episode (began {day(onset)})"
+
+
+def _ingredients(ctx: Context, mr: Any, vs: ValueSet) -> frozenset[str]:
+    """The RxNorm ingredients of the value set a prescription names by code (a product through
+    the ConceptMap); empty when it is recognised by name only."""
+    out: set[str] = set()
+    for c in codings(mr.medicationCodeableConcept):
+        if c.system == RXNORM and c.code:
+            out |= {i for i in ctx.knowledge.ingredient_map.get(c.code, frozenset({c.code}))
+                    if vs.contains(RXNORM, i)}
+    return frozenset(out)
 
 
 def _raw_names(raw: dict[str, Any], vs: ValueSet) -> bool:
@@ -1250,9 +1344,11 @@ FACTS: dict[str, Fact] = {
                        valuesets="observation-positive observation-negative"),
     "observation_recorded": _f(observation_recorded, "valueset", "within_days"),
     "weight_loss": _f(weight_loss, "valueset percent", "within_days"),
-    "medication": replace(_f(medication, "valueset", "status min_days within_days source"),
+    "medication": replace(_f(medication, "valueset",
+                             "status min_days within_days source for_episode"),
                           choices=(("status", frozenset({"active", "any"})),
-                                   ("source", frozenset({"record", "draft", "any"})))),
+                                   ("source", frozenset({"record", "draft", "any"})),
+                                   ("for_episode", frozenset({True, False})))),
     "procedure": _f(procedure, "valueset", "within_days"),
     "service_request": _f(service_request, "valueset", "within_days status"),
     "prior_imaging": _f(prior_imaging, "valueset", "within_days since_onset_of"),

@@ -379,6 +379,13 @@ class Knowledge:
         """How entries of a value set count on a problem list; None: the rule's own arguments."""
         return self.problem_list.get(vs_id)
 
+    @property
+    def episode_valueset(self) -> str | None:
+        """The value set that defines the episode (its ``problem-list.yaml`` entry has
+        ``episode_gap_days``; at most one does), or None when the pack defines none."""
+        return next((vs_id for vs_id, cur in self.problem_list.items()
+                     if cur.episode_gap_days is not None), None)
+
     def services_with_id(self, service_id: str) -> list[Service]:
         """Every discovery entry with that id (the same id may serve several hooks)."""
         return [s for s in self.services if s.id == service_id]
@@ -814,6 +821,10 @@ def _check_style(k: Knowledge) -> None:
 
 
 def _check_problem_list(k: Knowledge) -> None:
+    episodes = [v for v, cur in k.problem_list.items() if cur.episode_gap_days is not None]
+    if len(episodes) > 1:
+        raise KnowledgeError(f"problem-list.yaml: episode_gap_days on {episodes}: one value set "
+                             "defines the episode")
     for vs_id, cur in k.problem_list.items():
         where = f"problem-list.yaml {vs_id}"
         for ref in (vs_id, *cur.ruled_out_by, *cur.ended_by):
