@@ -783,6 +783,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="load only this scenario (repeatable; default: all)")
     parser.add_argument("--empty", action="store_true", help="load no fixtures")
     args = parser.parse_args(argv)
+    for ending in (signal.SIGTERM, signal.SIGHUP):  # stop the server too, not only on Ctrl-C
+        signal.signal(ending, lambda signum, frame: sys.exit(0))
     print(f"installing {SEKMET_REQUIREMENT} into {VENV_DIR} (once) ...", flush=True)
     sekmet = ensure_sekmet_venv()
     with tempfile.TemporaryDirectory(prefix="lbp-cds-fhir-") as workdir:
