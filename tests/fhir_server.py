@@ -757,3 +757,62 @@ def start_standalone(overrides: Mapping[str, Any] | None = None) -> FhirServer:
 
     return start_server(ensure_sekmet_venv(), Path(tempfile.mkdtemp(prefix="sekmet-")),
                         overrides)
+
+
+# ------------------------------------------------------------------- `make fhir`: for people
+
+#: Where ``make fhir`` writes the URL and token of the server it started, for ``. .cache/fhir.env``.
+ENV_FILE = PROJECT_ROOT / ".cache" / "fhir.env"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``make fhir``: start the tests' FHIR server on loopback, load the fixtures, wait.
+
+    Prints the base URL and the bearer token (and writes them to ``.cache/fhir.env`` as
+    ``FHIR`` and ``TOKEN``); Ctrl-C stops the server and deletes its store.
+    """
+    import argparse
+    import tempfile
+
+    from lbp_cds.fixtures import load_into_server
+
+    parser = argparse.ArgumentParser(
+        prog="make fhir", description="Start the tests' FHIR R4 server (sekmet-fhir) on "
+        "127.0.0.1 with the fixture patients loaded, dated today; Ctrl-C stops it.")
+    parser.add_argument("--only", action="append", metavar="SCENARIO",
+                        help="load only this scenario (repeatable; default: all)")
+    parser.add_argument("--empty", action="store_true", help="load no fixtures")
+    args = parser.parse_args(argv)
+    for ending in (signal.SIGTERM, signal.SIGHUP):  # stop the server too, not only on Ctrl-C
+        signal.signal(ending, lambda signum, frame: sys.exit(0))
+    print(f"installing {SEKMET_REQUIREMENT} into {VENV_DIR} (once) ...", flush=True)
+    sekmet = ensure_sekmet_venv()
+    with tempfile.TemporaryDirectory(prefix="lbp-cds-fhir-") as workdir:
+        server = start_server(sekmet, Path(workdir))
+        try:
+            if not args.empty:
+                loaded = load_into_server(server.base_url, server.token, args.only)
+                print(f"loaded {len(loaded)} fixture patients (`lbp-cds fixtures list` shows "
+                      "their ids)")
+            ENV_FILE.parent.mkdir(parents=True, exist_ok=True)
+            ENV_FILE.write_text(f"export FHIR={server.base_url}\nexport TOKEN={server.token}\n")
+            print(f"FHIR server (sekmet {SEKMET_VERSION}, loopback only, store in {workdir})")
+            print(f"  FHIR={server.base_url}")
+            print(f"  TOKEN={server.token}")
+            print(f"In another shell: . {ENV_FILE.relative_to(PROJECT_ROOT)}   "
+                  "(sets $FHIR and $TOKEN). Ctrl-C stops the server.", flush=True)
+            server.process.wait()
+            print(f"the FHIR server stopped by itself:\n{log_tail(server.log_path)}",
+                  file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            server.stop()
+            with contextlib.suppress(OSError):
+                if ENV_FILE.read_text().startswith(f"export FHIR={server.base_url}\n"):
+                    ENV_FILE.unlink()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lbp_cds.cli import format_cards, main
+from lbp_cds.cli import EXIT_BROKEN_PIPE, main
+from lbp_cds.display import format_cards
 from tests.builders import bundle, condition, hook_request, patient, questionnaire_response
 from tests.conftest import MINI, ROOT
 
@@ -105,8 +106,9 @@ def test_feedback_report_reads_the_store(tmp_path, monkeypatch, capsys, make_app
         "outcomeTimestamp": "2026-03-02T10:05:00Z"}]})
     monkeypatch.setenv("LBP_CDS_DATABASE_URL", db)
     assert main(["feedback-report"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "LV" in out and "100.0%" in out and "Red flag present" in out
+    assert err == f"store: {tmp_path}/store.sqlite3 (1 issued cards, 1 feedback entries)\n"
     digest = card["extension"]["org.lbp-cds.rule"]["knowledgeDigest"]
     assert main(["feedback-report", "--json", "--knowledge", digest]) == 0
     assert [e["rule"] for e in json.loads(capsys.readouterr().out)] == ["LV"]
@@ -218,3 +220,91 @@ def test_the_wheel_installs_and_finds_its_knowledge_without_the_checkout(tmp_pat
          "print(len(load_scenarios()))"], cwd=tmp_path, env=env, capture_output=True,
         text=True, timeout=120)
     assert fixtures.returncode == 0 and int(fixtures.stdout) >= 40, fixtures.stderr
+
+
+def test_feedback_report_from_another_folder_creates_no_empty_store(tmp_path, monkeypatch, capsys):
+    """The default store is relative to the current folder: elsewhere there is none, and the
+    report says which file it looked for instead of reading a new empty one."""
+    monkeypatch.delenv("LBP_CDS_DATABASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["feedback-report"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"no store at {tmp_path}/lbp-cds.sqlite3" in err and "LBP_CDS_DATABASE_URL" in err
+    assert main(["purge", "--older-than-days", "30"]) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_shows_no_internal_notes_and_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "Prometheus" not in top and "token" in top
+    for command, flags in (("evaluate", ["--json"]), ("feedback-report", ["--json"]),
+                           ("probe", ["--show-request", "--show-response"])):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        for flag in flags:
+            (line,) = [ln for ln in text.splitlines() if ln.strip().startswith(flag)]
+            assert line.strip() != flag, f"{command} {flag} has no help"
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"lbp-cds {version('lbp-cds')}\n"
+
+
+def _cli_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """``lbp-cds ... | head``: no BrokenPipeError traceback, exit 141 (as SIGPIPE would)."""
+    proc = subprocess.Popen([sys.executable, "-m", "lbp_cds.cli", "fixtures", "list"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_cli_env())
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first write
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == EXIT_BROKEN_PIPE
+    assert err == ""
+
+
+def test_piped_into_head():
+    """The shell pipeline itself: whether head leaves before the last write or not, the
+    command ends without a traceback."""
+    pipeline = (f"set -o pipefail; {sys.executable} -m lbp_cds.cli fixtures request "
+                "ces-saddle-numbness-urinary-retention | head -1")
+    proc = subprocess.run(["bash", "-c", pipeline], env=_cli_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout == "{\n"
+    assert proc.stderr == ""
+    assert proc.returncode in (0, EXIT_BROKEN_PIPE)
+
+
+def test_fixtures_list_shows_the_patient_ids(capsys):
+    from lbp_cds.fixtures import load_scenarios
+
+    assert main(["fixtures", "list"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split()[:3] == ["scenario", "patient", "hook"]
+    scenario = next(s for s in load_scenarios() if s.id == "inf-ivdu-fever")
+    (row,) = [r for r in rows if r.split()[0] == scenario.id]
+    assert row.split()[1:3] == [scenario.patient_id, "patient-view"]
+
+
+def test_a_new_store_logs_one_migration_line_not_alembics(tmp_path):
+    code = ("from lbp_cds.observability import configure_logging; configure_logging('INFO'); "
+            "from lbp_cds.store import Store; "
+            f"Store('sqlite:///{tmp_path}/new.sqlite3').migrate()")
+    err = subprocess.run([sys.executable, "-c", code], env=_cli_env(), capture_output=True,
+                         text=True, check=True, timeout=120).stderr
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert [(r["logger"], r["msg"]) for r in lines] == [("lbp_cds.store",
+                                                          "store schema migrated")]
+    assert lines[0]["from_revision"] == "none"

@@ -315,7 +315,8 @@ def test_cli_fixtures_load(fhir_server: FhirServer, capsys: pytest.CaptureFixtur
     code = cli.main(["fixtures", "load", "--fhir-server", fhir_server.base_url,
                      f"--token={fhir_server.token}", "--only", sc.id])
     assert code == 0
-    assert capsys.readouterr().out.strip() == f"loaded {sc.id}: {len(sc.record())} resources"
+    assert capsys.readouterr().out.strip() == (
+        f"loaded {sc.id}: patient {sc.patient_id}, {len(sc.record())} resources")
     assert fhir_server.read_json(f"Patient/{sc.patient_id}")["id"] == sc.patient_id
 
 

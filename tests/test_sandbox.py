@@ -31,6 +31,13 @@ from tests.test_integration_fhir import (  # noqa: F401 - the session's service 
 )
 
 BASE = os.environ.get("LBP_CDS_SANDBOX_FHIR_URL", "").rstrip("/")
+if not BASE:
+    # Named on the command line without its URL (the suite's conftest leaves the file out of a
+    # plain run): one error that says what is missing, not one per scenario.
+    pytest.fail("tests/test_sandbox.py runs against a FHIR sandbox of your choice: set "
+                "LBP_CDS_SANDBOX_FHIR_URL to its base URL (and LBP_CDS_SANDBOX_TOKEN if it "
+                "needs one), e.g. LBP_CDS_SANDBOX_FHIR_URL=https://hapi.fhir.org/baseR4 "
+                'make test PYTEST_ARGS="tests/test_sandbox.py"', pytrace=False)
 TOKEN = os.environ.get("LBP_CDS_SANDBOX_TOKEN") or None
 ONLY = [s for s in os.environ.get("LBP_CDS_SANDBOX_SCENARIOS", "").split(",") if s]
 SCENARIOS = [s for s in load_scenarios(ONLY or None) if not s.unavailable

@@ -1,8 +1,8 @@
-"""``lbp-cds``: serve, evaluate offline, check the knowledge, report feedback, load fixtures, probe.
+"""lbp-cds: serve, evaluate offline, check the knowledge, report feedback, load fixtures, probe."""
 
-Imports of the application happen inside the commands: ``serve`` must set up Prometheus'
-multiprocess directory before the metrics module is first imported.
-"""
+# Imports of the application happen inside the commands: ``serve`` must set up Prometheus'
+# multiprocess directory before the metrics module is first imported. (Kept out of the
+# docstring: the docstring is the ``--help`` text.)
 
 from __future__ import annotations
 
@@ -19,6 +19,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from lbp_cds.display import format_cards
+
+__all__ = ["build_parser", "format_cards", "main", "request_from_bundle"]
+
+#: Exit status of a command whose reader went away (``| head``): 128 + SIGPIPE, as a shell
+#: reports a process that SIGPIPE ended.
+EXIT_BROKEN_PIPE = 141
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lbp-cds`` console script."""
@@ -28,9 +36,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away is noticed here, not at exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     except Exception as exc:  # noqa: BLE001 - the CLI reports, it does not trace
         from lbp_cds.errors import CdsError, ConfigError, KnowledgeError
 
@@ -51,9 +63,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def _reader_gone() -> int:
+    """Standard output's reader closed the pipe (``lbp-cds ... | head``): end quietly.
+
+    What is still buffered cannot be written; standard output is pointed at /dev/null so that
+    the interpreter's flush at exit does not print a BrokenPipeError of its own.
+    """
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lbp-cds")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     p = argparse.ArgumentParser(prog="lbp-cds", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the service under gunicorn")
@@ -72,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the hook to simulate when FILE is a Bundle")
     e.add_argument("--service", help="service id (default: the one serving the hook)")
     e.add_argument("--now", help="the clock, ISO 8601 (default: now)")
-    e.add_argument("--json", action="store_true", help="print the CDS Hooks response JSON")
+    e.add_argument("--json", action="store_true",
+                   help="print the CDS Hooks response JSON instead of the cards as text")
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("check-knowledge", help="load and cross-check the knowledge pack")
@@ -80,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check_knowledge)
 
     f = sub.add_parser("feedback-report", help="acceptance and override rates per rule")
-    f.add_argument("--json", action="store_true")
+    f.add_argument("--json", action="store_true",
+                   help="print the report (or, with --versions, the versions) as JSON")
     f.add_argument("--knowledge", type=_hex_prefix, metavar="DIGEST",
                    help="only cards issued by the knowledge pack whose SHA-256 starts so (as "
                         "check-knowledge, /readyz and each card's extension show it)")
@@ -126,10 +162,57 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--service", help="base URL of a running service (default: in-process)")
     pr.add_argument("--no-prefetch", action="store_true",
                     help="send no prefetch: let the service fetch with the token")
-    pr.add_argument("--show-request", action="store_true")
-    pr.add_argument("--show-response", action="store_true")
+    pr.add_argument("--show-request", action="store_true",
+                    help="print the hook request sent (JSON; the FHIR token redacted)")
+    pr.add_argument("--show-response", action="store_true",
+                    help="print the service's raw answer (status and JSON) before the cards")
     pr.set_defaults(func=cmd_probe)
+
+    tk = sub.add_parser(
+        "token", help="DEVELOPMENT ONLY: sign a test JWT as a CDS client would (needs --dev)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=TOKEN_HELP)
+    tk.add_argument("--dev", action="store_true",
+                    help="confirm this is for development or testing (required)")
+    tk.add_argument("--key", type=Path, required=True, metavar="FILE",
+                    help="the client's private key: PEM, a private JWK, or a JWK Set holding one")
+    tk.add_argument("--new-key", action="store_true",
+                    help="first create FILE as a new EC P-384 key (never overwrites)")
+    tk.add_argument("--jwks", action="store_true",
+                    help="print the key's public JWK Set (for the trusted clients file) "
+                         "instead of a token")
+    tk.add_argument("--iss", help="the client's issuer, as listed in the trusted clients file")
+    tk.add_argument("--aud", metavar="URL",
+                    help="the exact URL of the endpoint called, e.g. "
+                         "http://127.0.0.1:8080/cds-services/lbp-triage")
+    tk.add_argument("--kid", help="key id (default: the JWK's kid, else the RFC 7638 thumbprint)")
+    tk.add_argument("--alg", help="JWS algorithm (default: ES384 for a P-384 key, RS384 for RSA)")
+    tk.add_argument("--lifetime", type=int, default=300, metavar="SECONDS",
+                    help="exp - iat, 1 to 300 (default 300)")
+    tk.add_argument("--tenant", help="a tenant claim, for clients with a tenant allowlist")
+    tk.add_argument("--jku", metavar="URL", help="a jku header (the client's JWK Set URL)")
+    tk.set_defaults(func=cmd_token)
     return p
+
+
+TOKEN_HELP = """\
+DEVELOPMENT AND TESTING ONLY. A real EHR signs its own tokens with its own key; this command
+plays that client on your machine so you can try a signed call. It refuses to run without --dev.
+
+It prints one token (a compact JWS) for one endpoint. Header: alg (ES384 for a P-384 key,
+RS384 for RSA), typ JWT, kid (the JWK's kid, else the key's RFC 7638 thumbprint), jku only with
+--jku. Claims:
+  iss     the client, exactly as the trusted clients file lists it (--iss)
+  aud     the exact URL of the endpoint called (--aud): LBP_CDS_PUBLIC_BASE_URL + the path,
+          e.g. http://127.0.0.1:8080/cds-services/lbp-triage; discovery is .../cds-services
+  iat     now
+  exp     iat + --lifetime (at most 300 s)
+  jti     a new UUID: the service refuses a token it has seen, so sign one per call
+  tenant  only with --tenant
+
+  lbp-cds token --dev --key dev-key.pem --new-key --jwks > dev-jwks.json
+  lbp-cds token --dev --key dev-key.pem --iss https://ehr.example.org \\
+      --aud http://127.0.0.1:8080/cds-services/lbp-triage
+"""
 
 
 # -- serve --------------------------------------------------------------------------------------
@@ -271,33 +354,6 @@ def _resolve_references(node: Any, local: dict[str, str]) -> Any:
     return node
 
 
-def format_cards(cards: list[dict[str, Any]], service_id: str, hook: str) -> str:
-    """Cards as a clinician would read them in a sidebar."""
-    if not cards:
-        return f"{service_id} ({hook}): no cards."
-    lines = [f"{service_id} ({hook}): {len(cards)} card(s)", ""]
-    marks = {"critical": "!!! CRITICAL", "warning": "!  WARNING", "info": "i  INFO"}
-    for card in cards:
-        lines.append(f"{marks[card['indicator']]}  {card['summary']}")
-        rule = (card.get("extension") or {}).get("org.lbp-cds.rule", {}).get("ruleId", "")
-        lines.append(f"   source: {card['source']['label']}" + (f"  [rule {rule}]" if rule
-                                                                  else ""))
-        for para in card.get("detail", "").split("\n"):
-            if para.strip():
-                lines.append("   " + para.replace("\\", ""))
-        for s in card.get("suggestions", []):
-            star = " (recommended)" if s.get("isRecommended") else ""
-            lines.append(f"   > suggestion: {s['label']}{star}")
-            for a in s.get("actions", []):
-                lines.append(f"       - {a['type']}: {a['description']}")
-        for r in card.get("overrideReasons", []):
-            lines.append(f"   x override reason: {r['display']}")
-        for link in card.get("links", []):
-            lines.append(f"   link: {link['label']} <{link['url']}>")
-        lines.append("")
-    return "\n".join(lines)
-
-
 # -- knowledge and feedback -----------------------------------------------------------------------
 def cmd_check_knowledge(args: argparse.Namespace) -> int:
     """Load, compile and lint the pack; print a summary."""
@@ -318,13 +374,32 @@ def cmd_check_knowledge(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+class MissingStore(Exception):
+    """A command that reads the store found no database where the settings point."""
+
+
 @contextlib.contextmanager
-def _store() -> Iterator[Any]:
-    """The store named by the settings, migrated; its connections closed afterwards."""
+def _existing_store() -> Iterator[Any]:
+    """The store named by the settings, migrated; its connections closed afterwards.
+
+    A command that reads what the service recorded must not create an empty SQLite file
+    when run from another folder than the service (the default URL is relative to the current
+    folder): a missing file is an error that names the file looked for.
+
+    Raises:
+        MissingStore: the settings name a SQLite file that does not exist.
+    """
     from lbp_cds.config import Settings
     from lbp_cds.store import Store
 
-    store = Store(Settings.from_env().database_url)
+    url = Settings.from_env().database_url
+    missing = _missing_sqlite_file(url)
+    if missing is not None:
+        raise MissingStore(
+            f"no store at {missing} (LBP_CDS_DATABASE_URL={url}, relative to the current folder "
+            f"{Path.cwd()}): run this where the service runs, or set LBP_CDS_DATABASE_URL to "
+            "its database")
+    store = Store(url)
     try:
         store.migrate()
         yield store
@@ -332,13 +407,42 @@ def _store() -> Iterator[Any]:
         store.engine.dispose()
 
 
+def _missing_sqlite_file(url: str) -> Path | None:
+    """The absolute path of the SQLite file ``url`` names when that file does not exist."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    path = Path(database).expanduser().absolute()
+    return None if path.exists() else path
+
+
+def _store_label(store: Any) -> str:
+    """Which database a command read, for the operator: the SQLite file or the URL, no password."""
+    url = store.engine.url
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        return str(Path(url.database).expanduser().absolute())
+    return str(url.render_as_string(hide_password=True))
+
+
 def cmd_feedback_report(args: argparse.Namespace) -> int:
     """Print acceptance and override rates per rule (or the knowledge versions seen)."""
     from lbp_cds.cards import KNOWLEDGE_DIGEST_SHOWN
 
-    with _store() as store:
-        versions = store.knowledge_versions() if args.versions else []
-        report = [] if args.versions else store.feedback_report(knowledge=args.knowledge)
+    try:
+        with _existing_store() as store:
+            versions = store.knowledge_versions() if args.versions else []
+            report = [] if args.versions else store.feedback_report(knowledge=args.knowledge)
+            # On standard error: standard output stays the report alone (--json is parsed).
+            print(f"store: {_store_label(store)} ({store.count('issued_cards')} issued cards, "
+                  f"{store.count('feedback')} feedback entries)", file=sys.stderr)
+    except MissingStore as exc:
+        print(f"lbp-cds feedback-report: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(versions if args.versions else report, indent=2, default=str))
         return 0
@@ -390,8 +494,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     """Delete what is older than the retention period; print the counts."""
     before = datetime.now(timezone.utc) - timedelta(days=args.older_than_days)
-    with _store() as store:
-        counts = store.purge(before, dry_run=args.dry_run)
+    try:
+        with _existing_store() as store:
+            counts = store.purge(before, dry_run=args.dry_run)
+    except MissingStore as exc:
+        print(f"lbp-cds purge: {exc}", file=sys.stderr)
+        return 1
     verb = "would delete" if args.dry_run else "deleted"
     print(json.dumps({"before": before.isoformat(), "dry_run": args.dry_run, verb: counts}))
     return 0
@@ -399,11 +507,12 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def cmd_fixtures_load(args: argparse.Namespace) -> int:
     """Load fixture patients into a FHIR server (idempotent: PUT by id)."""
-    from lbp_cds.fixtures import load_into_server
+    from lbp_cds.fixtures import load_into_server, load_scenarios
 
+    patients = {s.id: s.patient_id for s in load_scenarios(args.only)}
     loaded = load_into_server(args.fhir_server, args.token, args.only)
     for scenario_id, count in loaded:
-        print(f"loaded {scenario_id}: {count} resources")
+        print(f"loaded {scenario_id}: patient {patients[scenario_id]}, {count} resources")
     return 0
 
 
@@ -421,12 +530,46 @@ def cmd_fixtures_request(args: argparse.Namespace) -> int:
 
 
 def cmd_fixtures_list(args: argparse.Namespace) -> int:
-    """List the scenarios: id, hook, expected cards."""
+    """List the scenarios: id, patient id (for ``probe --patient``), hook, expected cards."""
     from lbp_cds.fixtures import load_scenarios
 
-    for s in load_scenarios():
+    scenarios = load_scenarios()
+    width = max([len(s.id) for s in scenarios] + [len("scenario")])
+    pwidth = max([len(s.patient_id) for s in scenarios] + [len("patient")])
+    print(f"{'scenario':<{width}} {'patient':<{pwidth}} {'hook':<13} expected cards")
+    for s in scenarios:
         cards = ", ".join(f"{r} ({i})" for r, i in s.expected_cards) or "no card"
-        print(f"{s.id:<52} {s.hook:<13} {cards}")
+        if s.expected_status != 200:
+            cards = f"HTTP {s.expected_status}"
+        print(f"{s.id:<{width}} {s.patient_id:<{pwidth}} {s.hook:<13} {cards}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Sign a test JWT (or print the key's public JWK Set); development and testing only."""
+    from lbp_cds.devtoken import TokenError, new_key, read_key, sign
+
+    if not args.dev:
+        print("lbp-cds token signs TEST tokens with a key file on this machine (a real EHR signs "
+              "its own). Add --dev to confirm this is for development or testing.",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.new_key:
+            new_key(args.key)
+        key = read_key(args.key, kid=args.kid, alg=args.alg)
+        if args.jwks:
+            print(json.dumps({"keys": [key.public_jwk()]}, indent=2))
+            return 0
+        if not args.iss or not args.aud:
+            print("lbp-cds token: --iss and --aud are needed to sign a token (or --jwks)",
+                  file=sys.stderr)
+            return 2
+        print(sign(key, args.iss, args.aud, lifetime_s=args.lifetime, tenant=args.tenant,
+                   jku=args.jku))
+    except TokenError as exc:
+        print(f"lbp-cds token: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -28,6 +28,7 @@ from urllib.parse import urljoin
 
 import requests
 
+from lbp_cds.display import format_cards
 from lbp_cds.fhir_data import resolve_template, template_type
 from lbp_cds.fixtures import outcome_text
 from lbp_cds.hooks import HookRequest
@@ -458,8 +459,6 @@ def run_probe(args: argparse.Namespace, service: ServiceClient, out: TextIO,
         ProbeError: bad arguments or no service for the hook.
         ServiceUnreachable: the service did not answer.
     """
-    from lbp_cds.cli import format_cards
-
     if args.hook in ORDER_HOOKS and not args.order:
         raise ProbeError(f"{args.hook} needs --order FILE (a draft ServiceRequest JSON)")
     orders = read_orders(args.order, args.patient) if args.hook in ORDER_HOOKS else []

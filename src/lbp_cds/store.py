@@ -130,6 +130,12 @@ class Store:
         """
         if self._revision() == SCHEMA_REVISION:
             return SCHEMA_REVISION
+        alembic_log = logging.getLogger("alembic")
+        if alembic_log.level == logging.NOTSET:
+            # At INFO Alembic logs its plugin set-up (on import) and its context on every run
+            # (a dozen lines at each start); our one line below says what happened. A level
+            # set on purpose (logging configuration, a debugging session) is left alone.
+            alembic_log.setLevel(logging.WARNING)
         from alembic import command
         from alembic.runtime.migration import MigrationContext
         from alembic.script import ScriptDirectory
@@ -159,7 +165,10 @@ class Store:
                     return current
             command.upgrade(alembic_config(conn), "head")
             conn.commit()
-            return str(MigrationContext.configure(conn).get_current_revision())
+            revision = str(MigrationContext.configure(conn).get_current_revision())
+            log.info("store schema migrated", extra={"from_revision": current or "none",
+                                                     "to_revision": revision})
+            return revision
 
     def _revision(self) -> str | None:
         """The database's schema revision, read without Alembic; None if it has none yet."""
