@@ -83,6 +83,13 @@ def test_scenario(real_app, path: Path):
         for text in as_list(want_card.get("contains")):
             assert any(text in c["summary"] + "\n" + c.get("detail", "") for c in mine), (
                 f"{want_card['rule']} should say {text!r}")
+        labels = [sg["label"] for c in mine for sg in c.get("suggestions", [])]
+        for text in as_list(want_card.get("labels_include")):
+            assert any(text in label for label in labels), (
+                f"{want_card['rule']} should offer {text!r}: {labels}")
+        for text in as_list(want_card.get("labels_exclude")):
+            assert not any(text in label for label in labels), (
+                f"{want_card['rule']} should not offer {text!r}: {labels}")
         for text in as_list(want_card.get("not_contains")):
             assert not any(text in c["summary"] + "\n" + c.get("detail", "") for c in mine), (
                 f"{want_card['rule']} should not say {text!r}")
