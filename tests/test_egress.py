@@ -485,3 +485,17 @@ def test_the_guard_catches_a_stray_connection(loopback_only: list[Any]) -> None:
         socket.getaddrinfo(HOSPITAL, 443)
     assert [kind for kind, _ in loopback_only] == ["connect", "resolve"]
     loopback_only.clear()
+
+
+@pytest.mark.parametrize(("token", "says"), [
+    (False, "no access token was sent (the request has no fhirAuthorization)"),
+    (True, "it refused the access token of fhirAuthorization"),
+])
+def test_fhir_server_answering_401_is_a_412_saying_whether_a_token_was_sent(
+        make: AppFactory, fhir: Fhir, token: bool, says: str) -> None:
+    fhir.answer["/fhir/"] = (401, {}, {"resourceType": "OperationOutcome", "issue": []})
+    response = call(make(Resolver(), dev=True), None, fhir.url, token=token)
+    assert response.status_code == 412, response.get_data(as_text=True)
+    issues = response.json["issue"]
+    assert {i["expression"][0] for i in issues} == {"prefetch.conditions"}
+    assert all(i["code"] == "security" and says in i["diagnostics"] for i in issues), issues
