@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import textwrap
 import threading
 import time
 import uuid
@@ -1190,7 +1191,7 @@ def test_arbitrary_headers_raise_only_authentication_error(header: str) -> None:
     assert header.startswith("Bearer ")
 
 
-# --------------------------------------------------------------------------- jku allowlist, pinned keys
+# --------------------------------------------------------------------------- jku allowlist
 
 SANDBOX_JKU = "https://sandbox.cds-hooks.org/.well-known/jwks.json"
 
@@ -1209,18 +1210,22 @@ def sandbox_token(aud: str = AUD, **header: Any) -> str:
 
 
 def readme_sandbox_clients(folder: Path) -> Path:
-    """The clients file the README recommends for the sandbox, with its published JWK Set."""
-    (folder / "keys").mkdir(exist_ok=True)
-    (folder / "keys" / "sandbox-jwks.json").write_bytes(
-        (JWT_DIR / "cds-hooks-sandbox-jwks.json").read_bytes())
+    """The sandbox's entry of the clients file the README recommends (read from README.md, so
+    the two cannot drift), with the sandbox's published JWK Set where the entry expects it."""
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("For the HL7 CDS Hooks Sandbox"):]
+    start = section.index("```yaml") + len("```yaml")
+    block = section[start:section.index("```", start)]
+    entries = yaml.safe_load(textwrap.dedent(block))["clients"]
+    entry = next(e for e in entries if e["iss"] == SANDBOX_ISS)
+    assert entry["jku"] == SANDBOX_JKU
+    target = folder / entry["jwks_file"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes((JWT_DIR / "cds-hooks-sandbox-jwks.json").read_bytes())
     config = folder / "clients.yaml"
-    config.write_text(
-        "clients:\n"
-        f"  - iss: {SANDBOX_ISS}\n"
-        "    jwks_file: keys/sandbox-jwks.json\n"
-        f"    jku: {SANDBOX_JKU}\n"
-        "    fhir_servers: [https://launch.smarthealthit.org/v/r4/fhir]\n"
-    )
+    config.write_text(yaml.safe_dump({"clients": [entry]}))
     return config
 
 
@@ -1238,7 +1243,8 @@ def test_sandbox_shaped_token_passes_with_pinned_keys_and_its_listed_jku_offline
     assert claims["iss"] == SANDBOX_ISS
     assert session.calls == []  # the pinned keys: nothing was fetched
     # Another jku, even on the sandbox's own host, is refused and never fetched.
-    for jku in ("https://sandbox.cds-hooks.org/jwks.json", SANDBOX_JKU + "?", "http://127.0.0.1:9/"):
+    for jku in ("https://sandbox.cds-hooks.org/jwks.json", SANDBOX_JKU + "?",
+                "http://127.0.0.1:9/"):
         refused(verifier, bearer(sandbox_token(jku=jku)), "jku is not")
     assert session.calls == []
     # The listed jku does not bypass the signature: another key under the sandbox's kid fails.

@@ -93,7 +93,8 @@ def create_app(
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["lbp_cds"] = api.Runtime(
         settings=settings, knowledge=pack, engine=engine, store=store, verifier=verifier,
-        fetcher=FhirFetcher(session, policy, resolver=resolver), policy=policy, clock=clock or api.now_utc,
+        fetcher=FhirFetcher(session, policy, resolver=resolver), policy=policy,
+        clock=clock or api.now_utc,
     )
     app.register_blueprint(api.bp)
     api.errors_to_outcome(app)

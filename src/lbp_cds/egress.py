@@ -381,10 +381,10 @@ class PinnedAdapter(HTTPAdapter):
         except ValueError as exc:
             raise requests.exceptions.ConnectionError(f"refused: {exc}",
                                                       request=request) from None
-        _, pool_kwargs = self.build_connection_pool_key_attributes(request, verify, cert)
+        _, tls = self.build_connection_pool_key_attributes(request, verify, cert)
         base = approved.base
-        if base.scheme == "http":
-            pool_kwargs = {k: v for k, v in pool_kwargs.items() if k not in _TLS_KEYS}
+        pool_kwargs: dict[str, Any] = dict(tls) if base.scheme == "https" else {
+            k: v for k, v in tls.items() if k not in _TLS_KEYS}
         key = (*base.origin, approved.address, tuple(sorted(pool_kwargs.items())))
         with self._lock:
             pool = self._pools.get(key)
