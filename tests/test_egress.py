@@ -499,3 +499,87 @@ def test_fhir_server_answering_401_is_a_412_saying_whether_a_token_was_sent(
     issues = response.json["issue"]
     assert {i["expression"][0] for i in issues} == {"prefetch.conditions"}
     assert all(i["code"] == "security" and says in i["diagnostics"] for i in issues), issues
+
+
+# --------------------------------------------------------------------------- https, pinned
+
+
+def _tls_files(folder: Path, host: str) -> tuple[Path, Path, Path]:
+    """A test CA, and a certificate for ``host`` it signed: (ca.pem, leaf.pem, leaf.key)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lbp-cds egress test CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                       False), critical=True)
+          .add_extension(ca_ski, critical=False)
+          .sign(ca_key, hashes.SHA384()))
+    key = ec.generate_private_key(ec.SECP384R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                           critical=False)
+            .sign(ca_key, hashes.SHA384()))
+    ca_file, cert_file, key_file = folder / "ca.pem", folder / "leaf.pem", folder / "leaf.key"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return ca_file, cert_file, key_file
+
+
+def test_https_to_a_pinned_address_checks_the_certificate_against_the_name(
+        tmp_path: Path, fhir: Fhir) -> None:
+    """TLS to a name mapped to 127.0.0.1: the socket goes to the checked address, SNI and the
+    certificate check use the name; a certificate for another name is refused."""
+    import ssl
+
+    from lbp_cds.fhir_data import FetchPolicy, FhirFetcher
+
+    ca_file, cert_file, key_file = _tls_files(tmp_path, HOSPITAL)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    names: list[str | None] = []
+    context.sni_callback = lambda sock, name, ctx: names.append(name)  # type: ignore[assignment]
+    fhir.httpd.socket = context.wrap_socket(fhir.httpd.socket, server_side=True)
+    policy = FetchPolicy(connect_timeout=2, read_timeout=2, deadline=4)
+    rule = EgressRule(None, frozenset({"loopback"}), "test")
+    urls = {"patient": ("Patient/p1", "Patient")}
+
+    def fetch(host: str) -> Any:
+        fetcher = FhirFetcher(None, policy, resolver=Resolver({host: ["127.0.0.1"]}))
+        fetcher.session.verify = str(ca_file)
+        base = f"https://{host}:{fhir.port}/fhir"
+        approved = fetcher.approve(base, rule)
+        try:
+            return fetcher.fetch_all(base, None, urls, time.monotonic() + 4, approved)["patient"]
+        finally:
+            fetcher.session.close()
+            fetcher.executor.shutdown()
+
+    resources, status = fetch(HOSPITAL)
+    assert status.state == "fetched" and resources and resources[0]["id"] == "p1"
+    assert names[-1] == HOSPITAL and fhir.seen[-1][1] == f"{HOSPITAL}:{fhir.port}"
+    seen = len(fhir.seen)
+    resources, status = fetch("other.hospital.example")  # same address, wrong certificate
+    assert resources is None and "could not be reached" in status.reason
+    assert len(fhir.seen) == seen

@@ -19,7 +19,8 @@ A call carries ``Authorization: Bearer <JWT>``, signed by the client with an asy
 Anything else raises ``AuthenticationError``, whose message is a fixed reason for our logs and
 whose ``category`` is the coarse reason the caller is told (the HTTP layer answers 401 with the
 category and the request id under which the reason is logged). Neither the exception nor the
-log contains the token or any part of it; the log names the ``iss``, which is an issuer URL, not a patient identifier.
+log contains the token or any part of it; the log names the ``iss``, which is an issuer URL,
+not a patient identifier.
 
 Unverified header and claims are read only to find ``iss``, ``kid`` and ``jku``. The algorithms
 handed to the signature check come from configuration and the key's type, never from the token.
