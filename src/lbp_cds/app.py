@@ -75,6 +75,10 @@ def create_app(
         clients = load_clients(Path(settings.clients_file))
         if not clients:
             raise ConfigError(f"{settings.clients_file} lists no clients")
+        for client in clients:
+            if not client.fhir_servers:
+                log.warning("trusted client has no fhir_servers: its calls that name a "
+                            "fhirServer will be refused (400)", extra={"iss": client.iss})
         verifier = JwtVerifier(clients, store, algorithms=settings.algorithms,
                                leeway_seconds=settings.jwt_leeway_seconds, session=http)
     policy = FetchPolicy(

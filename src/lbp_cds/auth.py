@@ -105,6 +105,7 @@ BAD_TIME = "token expired, not yet valid or too long-lived"
 BAD_AUDIENCE = "aud is not the URL of the endpoint called"
 BAD_CLAIMS = "a claim is missing, malformed or not allowed (iss, exp, iat, jti, tenant)"
 REPLAY = "token already used (jti)"
+NO_KEYS = "the client's JWK Set could not be fetched (jwks_url)"
 
 
 @dataclass(frozen=True)
@@ -840,7 +841,8 @@ class JwtVerifier:
             except _FetchError as exc:
                 logger.warning("JWKS fetch failed (iss=%s): %s", _loggable(client.iss), exc)
                 if key is None:
-                    raise AuthenticationError("JWK Set could not be fetched") from None
+                    raise AuthenticationError("JWK Set could not be fetched",
+                                              category=NO_KEYS) from None
                 return key
             return remote.keys.get(kid)
         finally:
