@@ -282,10 +282,12 @@ class CdsClientKeys:
         folder: where ``jwks.json`` and ``clients.yaml`` are written.
         iss: the client's ``iss``.
         extra_clients: more entries for the clients YAML (``{"iss": ..., "jwks_url": ...}``).
+        client_fields: more fields of this client's entry (``fhir_servers``, ``allow_private``).
     """
 
     def __init__(self, folder: Path, iss: str = "https://ehr.test.example/",
-                 extra_clients: Sequence[Mapping[str, Any]] = ()) -> None:
+                 extra_clients: Sequence[Mapping[str, Any]] = (),
+                 client_fields: Mapping[str, Any] | None = None) -> None:
         import json
 
         import yaml
@@ -304,7 +306,8 @@ class CdsClientKeys:
         self.jwks_file = folder / "jwks.json"
         self.jwks_file.write_text(json.dumps(self.jwks), encoding="utf-8")
         self.clients_file = folder / "clients.yaml"
-        entries = [{"iss": iss, "jwks_file": self.jwks_file.name}, *map(dict, extra_clients)]
+        entries = [{"iss": iss, "jwks_file": self.jwks_file.name, **dict(client_fields or {})},
+                   *map(dict, extra_clients)]
         self.clients_file.write_text(yaml.safe_dump({"clients": entries}), encoding="utf-8")
 
     def claims(self, aud: str | list[str], **overrides: Any) -> dict[str, Any]:

@@ -138,6 +138,17 @@ def test_hook_the_service_does_not_serve_is_400(client):
     assert outcome_locations(resp) == ["hook"]
 
 
+def test_hook_is_checked_before_the_context_it_would_need(client):
+    """encounter-start needs context.encounterId; sent to a patient-view service without it,
+    the answer is that the service does not serve the hook, not the missing field."""
+    body = hook_request(prefetch={}) | {"hook": "encounter-start"}
+    resp = post(client, "mini-triage", body)
+    assert resp.status_code == 400
+    assert outcome_locations(resp) == ["hook"]
+    text = resp.json["issue"][0]["diagnostics"]
+    assert "serves patient-view, not encounter-start" in text and "encounterId" not in text
+
+
 def test_malformed_json_is_400(client):
     resp = post(client, "mini-triage", b'{"hook": ')
     assert resp.status_code == 400

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import textwrap
 import threading
 import time
 import uuid
@@ -1188,3 +1189,145 @@ def test_arbitrary_headers_raise_only_authentication_error(header: str) -> None:
         return
     # Only a correctly signed, in-date token for AUD with a jti can pass.
     assert header.startswith("Bearer ")
+
+
+# --------------------------------------------------------------------------- jku allowlist
+
+SANDBOX_JKU = "https://sandbox.cds-hooks.org/.well-known/jwks.json"
+
+
+def sandbox_token(aud: str = AUD, **header: Any) -> str:
+    """A token shaped exactly as the HL7 CDS Hooks sandbox signs it: header alg ES384, typ JWT,
+    kid and jku; claims iss, aud, exp, iat, jti; signed with its published private key."""
+    private = serialization.load_pem_private_key(
+        (JWT_DIR / "cds-hooks-sandbox-ec-private-key.pem").read_bytes(), password=None)
+    kid = json.loads((JWT_DIR / "cds-hooks-sandbox-jwks.json").read_text())["keys"][0]["kid"]
+    now = int(time.time())
+    payload = {"iss": SANDBOX_ISS, "aud": aud, "exp": now + 300, "iat": now,
+               "jti": str(uuid.uuid4())}
+    headers = {"alg": "ES384", "typ": "JWT", "kid": kid, "jku": SANDBOX_JKU, **header}
+    return jwt.encode(payload, private, algorithm="ES384", headers=headers)
+
+
+def readme_sandbox_clients(folder: Path) -> Path:
+    """The sandbox's entry of the clients file the README recommends (read from README.md, so
+    the two cannot drift), with the sandbox's published JWK Set where the entry expects it."""
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("For the HL7 CDS Hooks Sandbox"):]
+    start = section.index("```yaml") + len("```yaml")
+    block = section[start:section.index("```", start)]
+    entries = yaml.safe_load(textwrap.dedent(block))["clients"]
+    entry = next(e for e in entries if e["iss"] == SANDBOX_ISS)
+    assert entry["jku"] == SANDBOX_JKU
+    target = folder / entry["jwks_file"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes((JWT_DIR / "cds-hooks-sandbox-jwks.json").read_bytes())
+    config = folder / "clients.yaml"
+    config.write_text(yaml.safe_dump({"clients": [entry]}))
+    return config
+
+
+@pytest.mark.shared
+def test_sandbox_shaped_token_passes_with_pinned_keys_and_its_listed_jku_offline(
+    tmp_path: Path, session: RecordingSession
+) -> None:
+    verifier = JwtVerifier(load_clients(readme_sandbox_clients(tmp_path)), MemoryReplayCache(),
+                           session=session)
+    token = sandbox_token()
+    assert jwt.get_unverified_header(token) == {
+        "alg": "ES384", "typ": "JWT", "kid": "44823f3d-0b01-4a6c-a80e-b9d3e8a7226f",
+        "jku": SANDBOX_JKU}
+    claims = verifier.verify(bearer(token), AUD)
+    assert claims["iss"] == SANDBOX_ISS
+    assert session.calls == []  # the pinned keys: nothing was fetched
+    # Another jku, even on the sandbox's own host, is refused and never fetched.
+    for jku in ("https://sandbox.cds-hooks.org/jwks.json", SANDBOX_JKU + "?",
+                "http://127.0.0.1:9/"):
+        refused(verifier, bearer(sandbox_token(jku=jku)), "jku is not")
+    assert session.calls == []
+    # The listed jku does not bypass the signature: another key under the sandbox's kid fails.
+    forged_key = ec.generate_private_key(ec.SECP384R1())
+    now = int(time.time())
+    forged = jwt.encode({"iss": SANDBOX_ISS, "aud": AUD, "exp": now + 300, "iat": now,
+                         "jti": str(uuid.uuid4())}, forged_key, algorithm="ES384",
+                        headers=jwt.get_unverified_header(token))
+    refused(verifier, bearer(forged), "signature does not verify")
+
+
+def test_listed_jku_of_a_fetching_client_fetches_only_its_jwks_url(
+    make_verifier: Callable[..., JwtVerifier], jwks_server: tuple[JwksState, str], ec_key: Any,
+    session: RecordingSession,
+) -> None:
+    """A client with jwks_url may also list the jku its tokens name: the keys still come from
+    jwks_url, the only URL ever fetched."""
+    state, url = jwks_server
+    named = "https://url-client.example.org/.well-known/jwks.json"
+    verifier = make_verifier([TrustedClient(iss=URL_ISS, jwks_url=url, jku=frozenset({named}))])
+    verifier.verify(url_token(ec_key, jku=named), AUD)
+    verifier.verify(url_token(ec_key, jku=url), AUD)
+    refused(verifier, url_token(ec_key, jku="https://url-client.example.org/other"), "jku is not")
+    assert session.calls == [("GET", url)] and state.hits == 1
+
+
+def test_load_clients_reads_jku_fhir_servers_and_allow_private(tmp_path: Path,
+                                                               jwks: dict[str, Any]) -> None:
+    config = tmp_path / "clients.yaml"
+    config.write_text(
+        "clients:\n"
+        "  - iss: https://ehr.example.org/\n"
+        f"    jwks: {json.dumps(jwks)}\n"
+        "    jku: [https://ehr.example.org/jwks.json, https://ehr.example.org/jwks2.json]\n"
+        "    fhir_servers: https://ehr.example.org/fhir\n"
+        "    allow_private: true\n"
+        "  - iss: https://other.example.org/\n"
+        f"    jwks: {json.dumps(jwks)}\n"
+    )
+    first, second = load_clients(config)
+    assert first.jku == {"https://ehr.example.org/jwks.json", "https://ehr.example.org/jwks2.json"}
+    assert first.fhir_servers == ("https://ehr.example.org/fhir",) and first.allow_private
+    assert second.jku == frozenset() and second.fhir_servers == () and not second.allow_private
+    JwtVerifier([first, second], MemoryReplayCache())
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("jku: 12", "'jku' must be a URL"),
+        ("jku: [not a url]", "absolute http"),
+        ("fhir_servers: [ftp://ehr.example.org/fhir]", "fhir_servers: only http and https"),
+        ("fhir_servers: [https://u:p@ehr.example.org/fhir]", "user info"),
+        ("fhir_servers: [https://ehr.example.org/fhir/../x]", "segments"),
+        ("allow_private: 'yes'", "allow_private"),
+    ],
+)
+def test_load_clients_refuses_bad_jku_and_fhir_servers(tmp_path: Path, jwks: dict[str, Any],
+                                                       entry: str, message: str) -> None:
+    config = tmp_path / "clients.yaml"
+    config.write_text(f"clients:\n  - iss: https://a/\n    jwks: {json.dumps(jwks)}\n    {entry}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_clients(config)
+
+
+@pytest.mark.parametrize(
+    ("build", "category"),
+    [
+        (lambda key: None, "no bearer token"),
+        (lambda key: bearer(sign(key, claims(), typ="JOSE")), "token header not acceptable"),
+        (lambda key: bearer(sign(key, claims(iss="https://evil.example/"))), "not trusted"),
+        (lambda key: bearer(sign(key, claims(), jku="https://evil.example/j")), "not trusted"),
+        (lambda key: bearer(sign(key, claims(exp=int(NOW) - 100))), "expired"),
+        (lambda key: bearer(sign(key, claims(aud="https://x.example/"))), "aud is not"),
+        (lambda key: bearer(sign(key, claims(jti=None))), "a claim is missing"),
+    ],
+)
+def test_every_refusal_has_a_category_for_the_caller(
+    verifier: JwtVerifier, ec_key: Any, build: Callable[[Any], str | None], category: str
+) -> None:
+    with pytest.raises(AuthenticationError) as info:
+        verifier.verify(build(ec_key), AUD)
+    assert category in info.value.category
+    body = info.value.operation_outcome("rid-1")["issue"][0]["diagnostics"]
+    assert body.startswith("Unauthorized: ") and "X-Request-Id rid-1" in body
+    assert info.value.message not in body or info.value.message == info.value.category

@@ -15,9 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-import requests
 
 from lbp_cds import knowledge
+from lbp_cds.egress import EgressRule
 from lbp_cds.errors import PreconditionFailed
 from lbp_cds.fhir_data import FetchPolicy, FhirFetcher, load_record, resolve_template
 from lbp_cds.hooks import parse_request
@@ -92,7 +92,8 @@ def load(service, fhir: FakeFhir | None, prefetch: dict[str, Any] | None, policy
                                           "expires_in": 300, "scope": "patient/*.read",
                                           "subject": "lbp-cds", "patient": "p1"}
     req = parse_request(hook_request(prefetch=prefetch, **extra))
-    return load_record(req, service, FhirFetcher(requests.Session(), policy), policy)
+    return load_record(req, service, FhirFetcher(None, policy), policy,
+                       egress=EgressRule.dev())
 
 
 def serve_patient(fhir: FakeFhir) -> None:
@@ -238,7 +239,8 @@ def test_unreachable_server_on_required_data_is_412(service):
     req = parse_request(hook_request(prefetch={"patient": patient()},
                                      fhirServer="http://127.0.0.1:9/fhir"))
     with pytest.raises(PreconditionFailed):
-        load_record(req, service, FhirFetcher(requests.Session(), policy), policy)
+        load_record(req, service, FhirFetcher(None, policy), policy,
+                       egress=EgressRule.dev())
 
 
 def test_resources_of_another_patient_are_dropped(service):

@@ -8,14 +8,16 @@
   then the mini engine's ``evaluate`` and card rendering, never raise; a resource that does not
   parse is skipped and counted.
 
-The app fetches nothing: its HTTP session refuses every connection (no network in CI).
+The app fetches nothing: its HTTP session refuses every connection and its resolver every host
+name (no network in CI; the egress check resolves a fhirServer's name before any connection).
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import json
+import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from hypothesis import strategies as st
 
 from lbp_cds import api, create_app, hooks
 from lbp_cds.config import Settings
+from lbp_cds.egress import EgressRule
 from lbp_cds.errors import PreconditionFailed
 from lbp_cds.fhir_data import load_record, record_from_resources
 from tests.builders import (
@@ -61,6 +64,11 @@ class RefusingAdapter(requests.adapters.BaseAdapter):
         pass
 
 
+def no_resolution(host: str, *args: Any, **kwargs: Any) -> list[Any]:
+    """A resolver that knows no name (the system's would send a DNS query)."""
+    raise socket.gaierror(socket.EAI_NONAME, "no name resolution in the fuzz tests")
+
+
 @pytest.fixture(scope="module")
 def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flask]:
     folder: Path = tmp_path_factory.mktemp("fuzz")
@@ -70,7 +78,7 @@ def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flask]:
     app = create_app(Settings(dev=True, database_url=f"sqlite:///{folder}/store.sqlite3",
                               knowledge_dir=str(MINI), max_body_bytes=200_000,
                               max_json_depth=32, fhir_deadline_seconds=1.0),
-                     clock=lambda: NOW, session=session)
+                     clock=lambda: NOW, session=session, resolver=no_resolution)
     app.config["TESTING"] = True
     yield app
     app.extensions["lbp_cds"].store.engine.dispose()
@@ -418,7 +426,7 @@ def test_load_record_from_arbitrary_prefetch_never_raises(
         return  # the schema refuses it: the HTTP tests cover that path
     service = rt.knowledge.services_with_id("mini-triage")[0]
     try:
-        record = load_record(req, service, rt.fetcher, rt.policy)
+        record = load_record(req, service, rt.fetcher, rt.policy, egress=EgressRule.dev())
     except PreconditionFailed:
         return
     evaluate_everything(fuzz_app, record, doc)

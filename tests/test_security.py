@@ -1,8 +1,9 @@
 """Security and resilience through a real server: ``lbp-cds serve`` (gunicorn) on 127.0.0.1.
 
 * Authentication of every CDS endpoint (discovery, service, feedback) with ES384 and RS384
-  client JWTs, and the attacks a CDS client's token can carry; each refusal is a bare 401 and
-  the server's log names the reason (so an attack refused for the wrong reason does not pass).
+  client JWTs, and the attacks a CDS client's token can carry; each refusal is a 401 that names
+  only the reason's category and the request id, while the server's log names the reason (so an
+  attack refused for the wrong reason does not pass).
 * The service refuses to start without trusted clients or without its public base URL.
 * The specification's own signed example token (expired) is refused for its ``exp``.
 * CORS for an allowlisted origin on success, errors and preflight; none for other origins.
@@ -57,8 +58,8 @@ from tests.service_server import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_DIR = ROOT.parent / "shared" / "data" / "cds-hooks"
-BARE_401 = {"resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": "login", "diagnostics": "Unauthorized"}]}
+UNAUTHORIZED = re.compile(r"Unauthorized: [^.]+\. The exact reason is in the "
+                          r"service's log under X-Request-Id (\S+)\.")
 ALLOWED_ORIGIN = "https://ehr.example.org"
 OTHER_ORIGIN = "https://evil.example.net"
 FHIR_JSON = "application/fhir+json"
@@ -101,7 +102,14 @@ def assert_operation_outcome(response: requests.Response) -> dict[str, Any]:
 def assert_bare_401(response: requests.Response) -> None:
     assert response.status_code == 401, (response.status_code, response.text)
     assert response.headers["Content-Type"].startswith(FHIR_JSON)
-    assert response.json() == BARE_401  # no reason, no detail: the reason is only in our log
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome" and len(body["issue"]) == 1, body
+    issue = body["issue"][0]
+    assert {k: v for k, v in issue.items() if k != "diagnostics"} == {"severity": "error",
+                                                                        "code": "login"}
+    # The category only, and where the reason is: the log, under this response's request id.
+    match = UNAUTHORIZED.fullmatch(issue["diagnostics"])
+    assert match and match.group(1) == response.headers["X-Request-Id"], issue["diagnostics"]
     # RFC 6750 §3: a Bearer challenge, without error detail.
     assert response.headers["WWW-Authenticate"] == 'Bearer realm="lbp-cds"'
 
@@ -341,12 +349,31 @@ def test_operational_endpoints_are_open(auth_server: ServiceServer, path: str) -
     assert auth_server.get(path).status_code == 200
 
 
-def test_unknown_service_without_token(auth_server: ServiceServer) -> None:
-    """Documents current behaviour: the service id is checked before the token, so an
-    unauthenticated caller learns that an id does not exist (404), nothing else."""
-    response = auth_server.post("/cds-services/no-such-service", json=triage_request())
+@pytest.mark.parametrize("path", ["/cds-services/no-such-service",
+                                  "/cds-services/no-such-service/feedback"])
+def test_unknown_service_is_401_without_a_token_and_404_with_one(
+        auth_server: ServiceServer, client_keys: CdsClientKeys, path: str) -> None:
+    """An anonymous caller does not learn which service ids exist."""
+    assert_bare_401(auth_server.post(path, json=triage_request()))
+    response = auth_server.post(path, json=triage_request(),
+                                headers=client_keys.bearer(auth_server.url(path)))
     assert response.status_code == 404
     assert_operation_outcome(response)
+
+
+def test_401_names_the_category_and_the_request_id(auth_server: ServiceServer,
+                                                   client_keys: CdsClientKeys) -> None:
+    path = "/cds-services/mini-triage"
+    now = int(time.time())
+    expired = client_keys.bearer(auth_server.url(path), iat=now - 900, exp=now - 600)
+    response = auth_server.post(path, json=triage_request(),
+                                headers={**expired, "X-Request-Id": "trace-401-a"})
+    assert_bare_401(response)
+    text = response.json()["issue"][0]["diagnostics"]
+    assert "token expired" in text and "X-Request-Id trace-401-a" in text
+    assert expired["Authorization"].split()[1] not in text
+    assert [r.get("reason") for r in records_of(auth_server, "trace-401-a")
+            if r.get("msg") == "client authentication failed"] == ["token expired (exp)"]
 
 
 # --------------------------------------------------------------------------- refusing to start
@@ -561,7 +588,8 @@ def cors_cases(server: ServiceServer, keys: CdsClientKeys, origin: str
         "400 bad body": server.post(service, json={"hook": "patient-view"},
                                     headers=o | keys.bearer(server.url(service))),
         "401 no token": server.get("/cds-services", headers=o),
-        "404 unknown service": server.post("/cds-services/nope", json={}, headers=o),
+        "404 unknown service": server.post("/cds-services/nope", json={}, headers=o | keys.bearer(
+            server.url("/cds-services/nope"))),
         "415 text/plain": server.post(service, data="hello", headers=o | {
             "Content-Type": "text/plain"} | keys.bearer(server.url(service))),
         "preflight service": preflight(server, service, origin),
@@ -795,10 +823,16 @@ def test_logs_hold_no_token_patient_identifier_or_name(service_server: ServerFac
     access_token = "fhir-at-9f8e7d6c5b4a-" + uuid.uuid4().hex
     comment = f"{given} {family} declined, see chart"
     refused = free_port()  # nothing listens there
+    failing = EchoingFhirServer()
+    # The client may send us to both loopback FHIR servers (and only there).
+    keys = CdsClientKeys(client_keys.jwks_file.parent / "with-fhir", client_fields={
+        "fhir_servers": [f"http://127.0.0.1:{refused}/fhir", failing.url],
+        "allow_private": True})
+    client_keys = keys
     server = service_server(
         env={"LBP_CDS_PUBLIC_BASE_URL": "{base_url}", "LBP_CDS_LOG_LEVEL": "DEBUG",
              "LBP_CDS_FHIR_CONNECT_TIMEOUT_SECONDS": "1"},
-        args=["--clients", str(client_keys.clients_file)])
+        args=["--clients", str(keys.clients_file)])
     fhir = {"fhirServer": f"http://127.0.0.1:{refused}/fhir",
             "fhirAuthorization": {"access_token": access_token, "token_type": "Bearer",
                                   "expires_in": 300, "scope": "patient/*.read",
@@ -817,7 +851,6 @@ def test_logs_hold_no_token_patient_identifier_or_name(service_server: ServerFac
         patient_id, prefetch_keys=["patient", "conditions"], patient_extra=person, **fhir))
     assert first.status_code == 200, first.text
     # 1b. The same against a FHIR server that answers 500, echoing what it was sent.
-    failing = EchoingFhirServer()
     try:
         echoed = server.post(service, headers=bearer(service), json=triage_request(
             patient_id, prefetch_keys=["patient", "conditions"], patient_extra=person,

@@ -24,6 +24,7 @@ from werkzeug.exceptions import HTTPException
 from lbp_cds import cards, facts, hooks, observability, pama
 from lbp_cds.auth import JwtVerifier
 from lbp_cds.config import Settings
+from lbp_cds.egress import EgressRule
 from lbp_cds.errors import (
     AuthenticationError,
     CdsError,
@@ -106,13 +107,17 @@ def _safe_path() -> str:
 
 
 def authenticate() -> None:
-    """Verify the client's JWT unless running in dev mode.
+    """Verify the client's JWT unless running in dev mode; remember where it may send us.
+
+    Sets ``g.egress``: the authenticated client's FHIR destinations, or dev mode's.
 
     Raises:
-        AuthenticationError: any failure (the answer is a bare 401).
+        AuthenticationError: any failure (401 naming the reason's category; the reason itself
+            is logged under the request id).
     """
     rt = runtime()
     if rt.verifier is None:
+        g.egress = EgressRule.dev()
         return
     base = rt.settings.public_base_url.rstrip("/") or request.host_url.rstrip("/")
     audience = base + request.path
@@ -120,8 +125,25 @@ def authenticate() -> None:
         g.claims = rt.verifier.verify(request.headers.get("Authorization"), audience)
     except AuthenticationError as exc:
         observability.AUTH_FAILURES.labels(request.endpoint or "unknown").inc()
-        log.warning("client authentication failed", extra={"reason": exc.message})
+        log.warning("client authentication failed", extra={"reason": exc.message,
+                                                            "category": exc.category})
         raise
+    g.egress = rt.verifier.client(g.claims["iss"]).egress()
+
+
+def _service_or_404(service_id: str) -> list[Service]:
+    """The services with this id (one per hook), after authentication (an anonymous caller
+    must not learn which ids exist).
+
+    Raises:
+        ServiceNotFound: no service has this id.
+    """
+    services = runtime().knowledge.services_with_id(service_id)
+    if not services:
+        raise ServiceNotFound(f"no CDS service {service_id!r}",
+                              [Issue("id", f"no CDS service {service_id!r}", "not-found")])
+    g.service_id = service_id  # a metric label: only ids we serve, never caller text
+    return services
 
 
 def read_json_body(hook_call: bool = False) -> Any:
@@ -185,23 +207,26 @@ def discovery() -> Response:
 def call_service(service_id: str) -> Response:
     """A hook call: validate, gather the record, evaluate the rules, answer with cards."""
     rt = runtime()
-    services = rt.knowledge.services_with_id(service_id)
-    if not services:
-        raise ServiceNotFound(f"no CDS service {service_id!r}",
-                              [Issue("id", f"no CDS service {service_id!r}", "not-found")])
-    g.service_id = service_id
     authenticate()
-    req = hooks.parse_request(read_json_body(hook_call=True))
-    observability.hook_instance_var.set(req.hook_instance)
-    service = next((s for s in services if s.hook == req.hook), None)
-    if service is not None:
-        g.hook = service.hook  # a metric label: only hooks we serve, never caller text
-    else:
+    services = _service_or_404(service_id)
+    doc = read_json_body(hook_call=True)
+    # The hook is checked before the request is validated: a hook this service does not serve
+    # is the answer, not the context fields that hook would need.
+    hook = doc.get("hook") if isinstance(doc, dict) else None
+    if isinstance(hook, str) and all(s.hook != hook for s in services):
         served = ", ".join(s.hook for s in services)
-        raise RequestError(f"service {service_id} does not serve hook {req.hook}", [Issue(
-            "hook", f"service {service_id} serves {served}, not {req.hook}", "not-supported")])
+        shown = hook[:64]
+        raise RequestError(f"service {service_id} does not serve hook {shown}", [Issue(
+            "hook", f"service {service_id} serves {served}, not {shown}", "not-supported")])
+    req = hooks.parse_request(doc)
+    observability.hook_instance_var.set(req.hook_instance)
+    service = next(s for s in services if s.hook == req.hook)
+    g.hook = service.hook  # a metric label: only hooks we serve, never caller text
+    if req.fhir_server:
+        g.egress.check_url(req.fhir_server)  # 400 before anything else, fetch or not
     try:
-        record = load_record(req, service, rt.fetcher, rt.policy, rt.knowledge.code_universe)
+        record = load_record(req, service, rt.fetcher, rt.policy, rt.knowledge.code_universe,
+                             egress=g.egress)
     except PreconditionFailed:
         observability.PRECONDITION_FAILED.labels(service_id).inc()
         raise
@@ -280,11 +305,8 @@ def _observe_fetch(record: PatientRecord) -> None:
 def post_feedback(service_id: str) -> Response:
     """Feedback on issued cards, stored idempotently."""
     rt = runtime()
-    if not rt.knowledge.services_with_id(service_id):
-        raise ServiceNotFound(f"no CDS service {service_id!r}",
-                              [Issue("id", f"no CDS service {service_id!r}", "not-found")])
-    g.service_id = service_id
     authenticate()
+    _service_or_404(service_id)
     items = hooks.parse_feedback(read_json_body())
     try:
         return _store_feedback(rt, service_id, items)
@@ -391,7 +413,11 @@ def errors_to_outcome(app: Flask) -> None:
     def _cds(exc: CdsError) -> Response:
         if not isinstance(exc, AuthenticationError):
             log.info("request refused", extra={"status": exc.status, "error": exc.message})
-        response = json_response(exc.operation_outcome(), exc.status, "application/fhir+json")
+        if isinstance(exc, AuthenticationError):
+            outcome = exc.operation_outcome(g.get("request_id", ""))
+        else:
+            outcome = exc.operation_outcome()
+        response = json_response(outcome, exc.status, "application/fhir+json")
         if isinstance(exc, AuthenticationError):
             response.headers["WWW-Authenticate"] = 'Bearer realm="lbp-cds"'  # RFC 6750 §3
         return response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -11,7 +12,7 @@ import requests
 from flask import Flask
 from flask_cors import CORS
 
-from lbp_cds import api, knowledge, observability, pama
+from lbp_cds import api, egress, knowledge, observability, pama
 from lbp_cds.auth import JwtVerifier, load_clients
 from lbp_cds.cards import KNOWLEDGE_DIGEST_SHOWN
 from lbp_cds.config import Settings
@@ -28,13 +29,17 @@ def create_app(
     *,
     clock: Callable[[], datetime] | None = None,
     session: requests.Session | None = None,
+    resolver: egress.Resolver = socket.getaddrinfo,
 ) -> Flask:
     """Build the application: load and check the knowledge, open the store, wire the API.
 
     Args:
         config: settings (default: from the ``LBP_CDS_*`` environment).
         clock: the clock hook calls use (tests and scenarios fix it).
-        session: the ``requests.Session`` used towards FHIR servers and JWKS URLs.
+        session: the ``requests.Session`` used towards FHIR servers and JWKS URLs (tests: a
+            transport of their own). Default: a plain session for JWKS URLs, and for FHIR
+            servers ``egress.pinned_session``, which connects only to approved addresses.
+        resolver: resolves FHIR server host names for the egress check (tests map names).
 
     Returns:
         The Flask application.
@@ -54,7 +59,7 @@ def create_app(
                                         "rules": len(pack.rules), "services": len(pack.services)})
     store = Store(settings.database_url)
     store.migrate()
-    http = session or requests.Session()
+    http = session or requests.Session()  # JWKS URLs (from the clients file, not requests)
     verifier = None
     if settings.dev:
         log.warning("DEV MODE: client authentication is OFF; never expose this instance")
@@ -71,6 +76,10 @@ def create_app(
         clients = load_clients(Path(settings.clients_file))
         if not clients:
             raise ConfigError(f"{settings.clients_file} lists no clients")
+        for client in clients:
+            if not client.fhir_servers:
+                log.warning("trusted client has no fhir_servers: its calls that name a "
+                            "fhirServer will be refused (400)", extra={"iss": client.iss})
         verifier = JwtVerifier(clients, store, algorithms=settings.algorithms,
                                leeway_seconds=settings.jwt_leeway_seconds, session=http)
     policy = FetchPolicy(
@@ -89,7 +98,8 @@ def create_app(
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["lbp_cds"] = api.Runtime(
         settings=settings, knowledge=pack, engine=engine, store=store, verifier=verifier,
-        fetcher=FhirFetcher(http, policy), policy=policy, clock=clock or api.now_utc,
+        fetcher=FhirFetcher(session, policy, resolver=resolver), policy=policy,
+        clock=clock or api.now_utc,
     )
     app.register_blueprint(api.bp)
     api.errors_to_outcome(app)

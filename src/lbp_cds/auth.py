@@ -6,17 +6,21 @@ A call carries ``Authorization: Bearer <JWT>``, signed by the client with an asy
 * the header names an algorithm from a fixed, configured list (never ``none``, never HS*),
   ``typ`` is ``JWT`` and a ``kid`` is given;
 * ``iss`` is a configured ``TrustedClient``; the key is the ``kid`` of that client's JWK Set
-  (inline, from a file read once at start, or from the client's one allowlisted URL);
-* a ``jku`` header, if present, equals that client's ``jwks_url`` exactly (anything else is
-  refused without being fetched);
+  (inline, from a file read once at start, or fetched from the client's ``jwks_url``);
+* a ``jku`` header, if present, is one the client may name: its ``jwks_url`` or one of the URLs
+  listed under its ``jku`` (compared exactly). A listed ``jku`` only *names* the key set: the
+  keys are still the client's configured ones (pinned keys are never fetched; a ``jwks_url`` is
+  the only URL ever fetched). Any other ``jku`` is refused without being fetched;
 * the signature verifies; ``aud`` names the endpoint being called; ``exp``, ``iat`` and
   ``nbf`` (if present) fit the clock with a small leeway; the lifetime ``exp - iat`` is short;
 * ``tenant`` is allowed, when the client has a tenant allowlist;
 * ``jti`` has not been seen before (checked last, so only otherwise valid tokens use the store).
 
-Anything else raises ``AuthenticationError``, whose message is a fixed reason for our logs. The
-HTTP layer renders it as a bare 401. Neither the exception nor the log contains the token or any
-part of it; the log names the ``iss``, which is an issuer URL, not a patient identifier.
+Anything else raises ``AuthenticationError``, whose message is a fixed reason for our logs and
+whose ``category`` is the coarse reason the caller is told (the HTTP layer answers 401 with the
+category and the request id under which the reason is logged). Neither the exception nor the
+log contains the token or any part of it; the log names the ``iss``, which is an issuer URL,
+not a patient identifier.
 
 Unverified header and claims are read only to find ``iss``, ``kid`` and ``jku``. The algorithms
 handed to the signature check come from configuration and the key's type, never from the token.
@@ -45,6 +49,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from lbp_cds.egress import EgressRule
 from lbp_cds.errors import AuthenticationError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -87,7 +92,20 @@ MAX_JWKS_BYTES = 262_144
 
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _LOOPBACK_HOSTS = frozenset({"localhost"})
-_CLIENT_FIELDS = frozenset({"iss", "jwks", "jwks_file", "jwks_url", "tenant"})
+_CLIENT_FIELDS = frozenset(
+    {"iss", "jwks", "jwks_file", "jwks_url", "jku", "tenant", "fhir_servers", "allow_private"}
+)
+
+# The categories a refused caller is told (the exact reason goes to the log only).
+NO_TOKEN = "no bearer token, or not a compact JWS"
+BAD_HEADER = "token header not acceptable (alg, typ, kid, crit or jku)"
+UNTRUSTED = "issuer, key or jku not trusted"
+BAD_SIGNATURE = "signature does not verify"
+BAD_TIME = "token expired, not yet valid or too long-lived"
+BAD_AUDIENCE = "aud is not the URL of the endpoint called"
+BAD_CLAIMS = "a claim is missing, malformed or not allowed (iss, exp, iat, jti, tenant)"
+REPLAY = "token already used (jti)"
+NO_KEYS = "the client's JWK Set could not be fetched (jwks_url)"
 
 
 @dataclass(frozen=True)
@@ -100,9 +118,16 @@ class TrustedClient:
         iss: the ``iss`` claim the client's tokens carry, compared exactly.
         jwks: an inline JWK Set (``{"keys": [...]}``), public keys only.
         jwks_file: a file holding the JWK Set; read once when the verifier is built.
-        jwks_url: the URL of the client's JWK Set (https, or http on a loopback host). It is the
-            only ``jku`` a token of this client may name; it is fetched with ``requests``.
+        jwks_url: the URL of the client's JWK Set (https, or http on a loopback host). A token
+            may name it as its ``jku``; it is fetched with ``requests``.
+        jku: more ``jku`` values a token of this client may name (compared exactly). They are
+            never fetched: a token naming one is verified with the client's configured keys
+            (the HL7 sandbox always sends its ``jku``; a hospital pins the keys offline).
         tenants: the ``tenant`` claim values allowed; ``None`` means the claim is not checked.
+        fhir_servers: the FHIR base URLs this client's ``fhirServer`` may name (``egress.py``);
+            empty: the client may not make the service fetch anything.
+        allow_private: the client's FHIR servers may be on loopback or private addresses
+            (tests, on-premises EHRs); link-local, multicast and reserved never are.
     """
 
     iss: str
@@ -110,6 +135,18 @@ class TrustedClient:
     jwks_file: Path | None = None
     jwks_url: str | None = None
     tenants: frozenset[str] | None = None
+    jku: frozenset[str] = frozenset()
+    fhir_servers: tuple[str, ...] = ()
+    allow_private: bool = False
+
+    @property
+    def allowed_jku(self) -> frozenset[str]:
+        """Every ``jku`` a token of this client may name."""
+        return (self.jku | {self.jwks_url}) if self.jwks_url else self.jku
+
+    def egress(self) -> EgressRule:
+        """Where this client may make the service fetch FHIR."""
+        return EgressRule.for_client(self.iss, self.fhir_servers, self.allow_private)
 
 
 class ReplayCache(Protocol):
@@ -209,7 +246,10 @@ def load_clients(path: Path) -> list[TrustedClient]:
         clients:
           - iss: https://ehr.example.org/
             jwks_file: keys/ehr.json          # relative to this file's folder
+            jku: https://ehr.example.org/.well-known/jwks.json   # optional: one or a list
             tenant: 2ddd6c3a-8e9a-44c6-a305-52111ad302a2   # optional: one id or a list
+            fhir_servers: [https://ehr.example.org/fhir/r4]  # optional: one or a list
+            allow_private: false              # optional: FHIR server on a private address
           - iss: https://other.example.org
             jwks_url: https://other.example.org/.well-known/jwks.json
           - iss: https://third.example.org
@@ -224,7 +264,8 @@ def load_clients(path: Path) -> list[TrustedClient]:
     Raises:
         ConfigError: the file cannot be read or parsed, an entry has an unknown field, no key
             source or more than one, a ``jwks_file`` cannot be read or holds no usable public
-            key, a ``jwks`` has no keys, a ``jwks_url`` is not https, or an ``iss`` repeats.
+            key, a ``jwks`` has no keys, a ``jwks_url`` is not https, a ``jku`` or a
+            ``fhir_servers`` entry is not an http(s) URL, or an ``iss`` repeats.
     """
     path = Path(path)
     try:
@@ -270,6 +311,12 @@ def _client_from_entry(entry: object, index: int, path: Path) -> TrustedClient:
     if jwks_url is not None and not isinstance(jwks_url, str):
         raise ConfigError(f"{where}: 'jwks_url' must be a URL string")
 
+    jku = _strings(entry.get("jku"), "jku", where)
+    fhir_servers = _strings(entry.get("fhir_servers"), "fhir_servers", where)
+    allow_private = entry.get("allow_private", False)
+    if not isinstance(allow_private, bool):
+        raise ConfigError(f"{where}: 'allow_private' must be true or false")
+
     tenant = entry.get("tenant")
     tenants: frozenset[str] | None
     if tenant is None:
@@ -283,8 +330,19 @@ def _client_from_entry(entry: object, index: int, path: Path) -> TrustedClient:
             )
         tenants = frozenset(values)
     return TrustedClient(
-        iss=iss, jwks=jwks, jwks_file=jwks_file, jwks_url=jwks_url, tenants=tenants
+        iss=iss, jwks=jwks, jwks_file=jwks_file, jwks_url=jwks_url, tenants=tenants,
+        jku=frozenset(jku), fhir_servers=tuple(fhir_servers), allow_private=allow_private,
     )
+
+
+def _strings(value: object, name: str, where: str) -> list[str]:
+    """A field that holds one string or a list of them (absent: empty)."""
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) and v for v in values):
+        raise ConfigError(f"{where}: '{name}' must be a URL or a list of URLs")
+    return list(values)
 
 
 def _check_clients(clients: Iterable[TrustedClient]) -> dict[str, dict[str, _Key] | None]:
@@ -329,6 +387,7 @@ def _check_clients(clients: Iterable[TrustedClient]) -> dict[str, dict[str, _Key
         ):
             raise ConfigError(f"{where}: 'tenants' must be a non-empty set of non-empty strings")
 
+        _check_client_urls(client, where)
         if client.jwks_url is not None:
             _check_jwks_url(client.jwks_url, where)
             static[client.iss] = None
@@ -348,6 +407,26 @@ def _check_clients(clients: Iterable[TrustedClient]) -> dict[str, dict[str, _Key
             jwks = client.jwks
         static[client.iss] = _static_keys(jwks, where)
     return static
+
+
+def _check_client_urls(client: TrustedClient, where: str) -> None:
+    """The ``jku`` allowlist and the FHIR servers: well-formed http(s) URLs."""
+    if not isinstance(client.jku, frozenset) or not isinstance(client.fhir_servers, tuple):
+        raise ConfigError(f"{where}: 'jku' must be a frozenset and 'fhir_servers' a tuple")
+    if not isinstance(client.allow_private, bool):
+        raise ConfigError(f"{where}: 'allow_private' must be a bool")
+    for url in client.jku:
+        try:
+            parts = urlsplit(url)
+            ok = parts.scheme in ("https", "http") and bool(parts.hostname)
+        except (ValueError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{where}: jku {url!r} must be an absolute http(s) URL")
+    try:
+        client.egress()
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: fhir_servers: {exc}") from None
 
 
 def _check_jwks_url(url: str, where: str) -> None:
@@ -569,6 +648,14 @@ class JwtVerifier:
         if self._owns_session:
             self._session.close()
 
+    def client(self, iss: str) -> TrustedClient:
+        """The trusted client of a verified token's ``iss``.
+
+        Raises:
+            KeyError: ``iss`` is not a trusted client (never after ``verify`` accepted it).
+        """
+        return self._clients[iss]
+
     def verify(self, authorization_header: str | None, audience: str) -> dict[str, Any]:
         """Verify the bearer JWT of one call.
 
@@ -589,24 +676,31 @@ class JwtVerifier:
         if not isinstance(audience, str) or not audience:
             raise ValueError("audience must be the non-empty URL of the endpoint called")
         iss: object = None
+        step = NO_TOKEN  # the category of a refusal raised without one, by the step it is in
         try:
             token = _bearer_token(authorization_header)
+            step = BAD_HEADER
             header, unverified = self._read_unverified(token)
+            step = UNTRUSTED
             iss = unverified.get("iss")
             if not isinstance(iss, str) or not iss:
-                raise AuthenticationError("iss claim missing or not a string")
+                raise AuthenticationError("iss claim missing or not a string",
+                                          category=BAD_CLAIMS)
             client = self._clients.get(iss)
             if client is None:
                 raise AuthenticationError("iss is not a trusted client")
             key = self._key_for(client, header)
+            step = BAD_SIGNATURE
             claims = self._verified_claims(token, key)
             if claims.get("iss") != iss:  # same bytes; a guard against future refactoring
                 raise AuthenticationError("iss changed between reads")
+            step = BAD_CLAIMS
             expires_at = self._check_claims(claims, client, audience)
             jti = claims["jti"]
             if not self._replay_cache.claim(f"{iss}|{jti}", expires_at):
-                raise AuthenticationError("jti already used (replay)")
+                raise AuthenticationError("jti already used (replay)", category=REPLAY)
         except AuthenticationError as exc:
+            exc.category = exc.category or step
             logger.warning("JWT rejected: %s (iss=%s)", exc.message, _loggable(iss))
             raise
         logger.debug("JWT accepted (iss=%s)", _loggable(iss))
@@ -644,8 +738,9 @@ class JwtVerifier:
         """Find the key named by ``kid`` in the client's JWK Set; honour ``jku`` only if allowed."""
         kid: str = header["kid"]
         jku = header.get("jku")
-        if jku is not None and jku != client.jwks_url:
-            raise AuthenticationError("jku is not the allowlisted JWK Set URL of this iss")
+        if jku is not None and jku not in client.allowed_jku:
+            raise AuthenticationError("jku is not the allowlisted JWK Set URL of this iss",
+                                      category=UNTRUSTED)
         static = self._static_keys.get(client.iss)
         if static is not None:
             key = static.get(kid)
@@ -683,18 +778,18 @@ class JwtVerifier:
         exp = _time_claim(claims, "exp")
         iat = _time_claim(claims, "iat")
         if exp <= now - self._leeway:
-            raise AuthenticationError("token expired (exp)")
+            raise AuthenticationError("token expired (exp)", category=BAD_TIME)
         if iat > now + self._leeway:
-            raise AuthenticationError("token issued in the future (iat)")
+            raise AuthenticationError("token issued in the future (iat)", category=BAD_TIME)
         if "nbf" in claims and _time_claim(claims, "nbf") > now + self._leeway:
-            raise AuthenticationError("token not yet valid (nbf)")
+            raise AuthenticationError("token not yet valid (nbf)", category=BAD_TIME)
         if exp < iat:
-            raise AuthenticationError("exp is before iat")
+            raise AuthenticationError("exp is before iat", category=BAD_TIME)
         if exp - iat > self._max_lifetime:
-            raise AuthenticationError("token lifetime (exp - iat) too long")
+            raise AuthenticationError("token lifetime (exp - iat) too long", category=BAD_TIME)
 
         if not _audience_matches(claims.get("aud"), audience):
-            raise AuthenticationError("aud does not name this endpoint")
+            raise AuthenticationError("aud does not name this endpoint", category=BAD_AUDIENCE)
 
         jti = claims.get("jti")
         if not isinstance(jti, str) or not jti:
@@ -746,7 +841,8 @@ class JwtVerifier:
             except _FetchError as exc:
                 logger.warning("JWKS fetch failed (iss=%s): %s", _loggable(client.iss), exc)
                 if key is None:
-                    raise AuthenticationError("JWK Set could not be fetched") from None
+                    raise AuthenticationError("JWK Set could not be fetched",
+                                              category=NO_KEYS) from None
                 return key
             return remote.keys.get(kid)
         finally:

@@ -9,7 +9,8 @@ an unexpected exception becomes a 500 OperationOutcome without internals.
     CdsError                         (500)
      +-- RequestError                (400) malformed JSON, schema violations, wrong hook
      |    +-- JsonTooDeep            (400) nesting deeper than allowed
-     +-- AuthenticationError         (401) any JWT failure; rendered without detail
+     |    +-- FhirServerRefused      (400) fhirServer not allowed for this client (egress.py)
+     +-- AuthenticationError         (401) any JWT failure; the body names only its category
      +-- ServiceNotFound             (404) unknown service id
      +-- PayloadTooLarge             (413) body larger than allowed
      +-- UnsupportedMediaType        (415) not application/json
@@ -89,16 +90,44 @@ class JsonTooDeep(RequestError):
     default_code = "too-costly"
 
 
+class FhirServerRefused(RequestError):
+    """The request's ``fhirServer`` is not a place this client may make us connect (400).
+
+    Raised before any connection: the URL is outside the client's ``fhir_servers``, or its host
+    resolves to an address of a kind the client's entry does not allow (``egress.py``).
+    """
+
+    default_code = "forbidden"
+
+
 class AuthenticationError(CdsError):
-    """The caller could not be authenticated (401). Rendered without detail on purpose."""
+    """The caller could not be authenticated (401).
+
+    The body names only the reason's category (``category``: "token expired or not yet
+    valid", "issuer, key or jku not trusted" ...) and where the exact reason is: the service's
+    log, under the response's ``X-Request-Id``. The message (the exact reason) is for the log.
+    """
 
     status = 401
     default_code = "login"
 
-    def operation_outcome(self) -> dict[str, Any]:
+    def __init__(self, message: str, issues: list[Issue] | None = None, *,
+                 category: str = "") -> None:
+        super().__init__(message, issues)
+        self.category = category
+
+    def operation_outcome(self, request_id: str = "") -> dict[str, Any]:
+        """Render the refusal: its category and where the reason is logged; nothing else.
+
+        Args:
+            request_id: the ``X-Request-Id`` of the response, named in the text.
+        """
+        where = f"X-Request-Id {request_id}" if request_id else "the response's X-Request-Id"
         return {
             "resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": "login", "diagnostics": "Unauthorized"}],
+            "issue": [{"severity": "error", "code": "login",
+                       "diagnostics": f"Unauthorized: {self.category or 'token refused'}. "
+                                      f"The exact reason is in the service's log under {where}."}],
         }
 
 

@@ -17,7 +17,9 @@ patient are left out and make their type unavailable, with the reason.
 Prefetch semantics (CDS Hooks 2.0 §Prefetch): a key sent as ``null`` means "no data"; a missing
 key or one holding an OperationOutcome is fetched from ``fhirServer`` with the bearer token from
 ``fhirAuthorization``. Fetches run in parallel under one deadline and follow ``next`` links within
-a page budget. The access token is never logged.
+a page budget. The access token is never logged. Where a fetch may go is ``egress.py``'s
+decision: the ``fhirServer`` is approved (URL, then resolved addresses) before the first
+request, and every connection goes to the approved address.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import copy
 import functools
 import logging
 import re
+import socket
 import time
 from bisect import bisect_left
 from collections import Counter
@@ -41,6 +44,8 @@ import requests
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
+from lbp_cds import egress
+from lbp_cds.egress import Approved, EgressRule, Unresolvable
 from lbp_cds.errors import Issue, PreconditionFailed
 from lbp_cds.hooks import HookRequest
 from lbp_cds.knowledge import ICD10CM, CodeUniverse, Service, ValueSet, normalize_code
@@ -64,6 +69,7 @@ class KeyStatus:
     resource_type: str
     state: str  # prefetched | fetched | null | unavailable
     reason: str = ""
+    code: str = "not-found"  # the FHIR issue type of a 412 naming this key
     count: int = 0
     pages: int = 0
     seconds: float = 0.0
@@ -673,20 +679,36 @@ class FhirFetcher:
     """Fetches what prefetch did not bring, from the EHR's FHIR server.
 
     Args:
-        session: the shared ``requests.Session`` (pooled connections; swappable in tests).
+        session: the ``requests.Session`` of the fetches; ``None``: ``egress.pinned_session``,
+            the only one that holds connections to the approved address (tests pass their own
+            transport).
         policy: timeouts, deadline and budgets.
         executor: the thread pool the fetches run on.
+        resolver: resolves the FHIR server's host name for the egress check
+            (``socket.getaddrinfo``'s signature; tests map names to the addresses they need).
     """
 
-    def __init__(self, session: requests.Session, policy: FetchPolicy,
-                 executor: ThreadPoolExecutor | None = None) -> None:
-        self.session = session
+    def __init__(self, session: requests.Session | None, policy: FetchPolicy,
+                 executor: ThreadPoolExecutor | None = None, *,
+                 resolver: egress.Resolver = socket.getaddrinfo) -> None:
+        self.session = session or egress.pinned_session(policy.parallelism)
         self.policy = policy
+        self.resolver = resolver
         self.executor = executor or ThreadPoolExecutor(
             max_workers=policy.parallelism, thread_name_prefix="fhir-fetch")
 
+    def approve(self, base: str, rule: EgressRule) -> Approved:
+        """Check the FHIR server for this caller and pick the address to connect to.
+
+        Raises:
+            FhirServerRefused: the URL or an address is refused (400).
+            Unresolvable: the host name did not resolve.
+        """
+        return egress.approve(base, rule, self.resolver)
+
     def fetch_all(self, base: str, token: str | None, urls: dict[str, tuple[str, str]],
-                  deadline: float) -> dict[str, tuple[list[dict[str, Any]] | None, KeyStatus]]:
+                  deadline: float, approved: Approved
+                  ) -> dict[str, tuple[list[dict[str, Any]] | None, KeyStatus]]:
         """Fetch several prefetch keys in parallel under one deadline (a ``time.monotonic``).
 
         Args:
@@ -694,6 +716,8 @@ class FhirFetcher:
             token: the bearer token, or None.
             urls: for each key, the (relative or absolute) URL and the resource type expected.
             deadline: a ``time.monotonic()`` instant after which nothing more is awaited.
+            approved: ``approve(base, ...)``: every request goes to its address and stays on
+                its origin and paths.
 
         Returns:
             For each key: the resources (None when unobtainable) and its status.
@@ -702,7 +726,7 @@ class FhirFetcher:
         started = time.monotonic()
         for key, (url, rtype) in urls.items():
             futures[self.executor.submit(self._fetch_key, base, token, url, rtype,
-                                         deadline)] = key
+                                         deadline, approved)] = key
         results: dict[str, tuple[list[dict[str, Any]] | None, KeyStatus]] = {}
         pending = set(futures)
         while pending:
@@ -724,6 +748,7 @@ class FhirFetcher:
                         seconds=time.monotonic() - started))
                 except FetchError as exc:
                     results[key] = (None, KeyStatus(key, rtype, "unavailable", reason=str(exc),
+                                                    code=exc.code,
                                                     seconds=time.monotonic() - started))
         for fut in pending:
             fut.cancel()
@@ -733,8 +758,8 @@ class FhirFetcher:
                                             seconds=time.monotonic() - started))
         return results
 
-    def _fetch_key(self, base: str, token: str | None, url: str, rtype: str, deadline: float
-                   ) -> tuple[list[dict[str, Any]], int]:
+    def _fetch_key(self, base: str, token: str | None, url: str, rtype: str, deadline: float,
+                   approved: Approved) -> tuple[list[dict[str, Any]], int]:
         target = urljoin(base.rstrip("/") + "/", url)
         resources: list[dict[str, Any]] = []
         pages = 0
@@ -742,7 +767,7 @@ class FhirFetcher:
         while target:
             if pages >= self.policy.max_pages:
                 raise Incomplete(resources, f"more than {self.policy.max_pages} pages")
-            doc = self._get(target, token, deadline)
+            doc = self._get(target, token, deadline, approved)
             pages += 1
             rt = doc.get("resourceType")
             if rt == "OperationOutcome":
@@ -769,20 +794,27 @@ class FhirFetcher:
                 raise FetchError(f"expected {rtype} or Bundle, got {rt!r}")
         return resources, pages
 
-    def _get(self, url: str, token: str | None, deadline: float) -> dict[str, Any]:
+    def _get(self, url: str, token: str | None, deadline: float, approved: Approved
+             ) -> dict[str, Any]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise FetchError("the deadline passed")
+        try:
+            approved.check(url)  # a next link (ours or the prefetch's) stays where approved
+        except ValueError as exc:
+            raise FetchError(f"not fetched: {exc}") from None
         headers = {"Accept": "application/fhir+json, application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         timeout = (min(self.policy.connect_timeout, remaining),
                    min(self.policy.read_timeout, remaining))
+        prepared = self.session.prepare_request(requests.Request("GET", url, headers=headers))
+        prepared.lbp_egress = approved  # type: ignore[attr-defined]  # read by PinnedAdapter
         try:
-            with self.session.get(url, headers=headers, timeout=timeout, stream=True,
-                                  allow_redirects=False) as resp:
+            with self.session.send(prepared, timeout=timeout, stream=True, proxies={},
+                                   allow_redirects=False) as resp:
                 if resp.status_code != 200:
-                    raise FetchError(f"the FHIR server answered HTTP {resp.status_code}")
+                    raise _status_error(resp.status_code, token)
                 body = bytearray()
                 for chunk in resp.iter_content(65536):
                     body.extend(chunk)
@@ -802,8 +834,32 @@ class FhirFetcher:
         return doc
 
 
+def _status_error(status: int, token: str | None) -> FetchError:
+    """The FetchError of a non-200 answer, saying what an integrator can act on."""
+    if status in (401, 403):
+        if not token:
+            return FetchError(f"the FHIR server answered HTTP {status}: no access token was "
+                              "sent (the request has no fhirAuthorization)", code="security")
+        return FetchError(f"the FHIR server answered HTTP {status}: it refused the access "
+                          "token of fhirAuthorization (expired, or its scope does not cover "
+                          "this search)", code="security")
+    if 300 <= status < 400:
+        return FetchError(f"the FHIR server answered HTTP {status} (a redirect, which is not "
+                          "followed: give the final URL as fhirServer)")
+    return FetchError(f"the FHIR server answered HTTP {status}")
+
+
 class FetchError(Exception):
-    """A prefetch key could not be fetched; the message says why (never with the token)."""
+    """A prefetch key could not be fetched; the message says why (never with the token).
+
+    Args:
+        message: why.
+        code: the FHIR issue type a 412 about this key carries.
+    """
+
+    def __init__(self, message: str, code: str = "not-found") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Incomplete(FetchError):
@@ -860,7 +916,8 @@ def _next_link(bundle: dict[str, Any], base: str) -> str:
 
 
 def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | None,
-                policy: FetchPolicy, universe: CodeUniverse | None = None) -> PatientRecord:
+                policy: FetchPolicy, universe: CodeUniverse | None = None, *,
+                egress: EgressRule | None = None) -> PatientRecord:
     """Assemble the patient's record for a hook call.
 
     Args:
@@ -869,18 +926,22 @@ def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | N
         fetcher: fetches missing keys; None disables fetching.
         policy: limits (deadline, budgets).
         universe: the codes the knowledge can ask for (see ``PatientRecord``).
+        egress: where the caller may make us fetch (``EgressRule.dev()`` in dev mode, the
+            client's rule otherwise); None disables fetching.
 
     Returns:
         The record, with each key's status.
 
     Raises:
         PreconditionFailed: a required key could be neither prefetched nor fetched (412).
+        FhirServerRefused: a fetch was needed and the ``fhirServer`` is refused for this
+            caller (400), before any connection.
     """
     resources: dict[str, list[dict[str, Any]]] = {}
     statuses: list[KeyStatus] = []
     to_fetch: dict[str, tuple[str, str]] = {}
     patient_id = request.patient_id or ""
-    can_fetch = not _cannot_fetch(request, fetcher, policy)
+    can_fetch = not _cannot_fetch(request, fetcher, policy, egress)
     others: Counter[str] = Counter()  # by type: resources naming another patient
     others_by_key: Counter[str] = Counter()
     kept_by_key: Counter[str] = Counter()
@@ -930,15 +991,23 @@ def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | N
             to_fetch[key] = (url, rtype)
     unavailable: dict[str, str] = {}
     if to_fetch:
-        reason = _cannot_fetch(request, fetcher, policy)
-        if reason:
+        reason = _cannot_fetch(request, fetcher, policy, egress)
+        approved: Approved | None = None
+        if not reason:
+            assert fetcher is not None and egress is not None and request.fhir_server
+            try:
+                approved = fetcher.approve(request.fhir_server, egress)
+            except Unresolvable as exc:
+                reason = str(exc)
+        if approved is None:
             for key, (_url, rtype) in to_fetch.items():
                 statuses.append(KeyStatus(key, rtype, "unavailable", reason=reason))
         else:
             assert fetcher is not None and request.fhir_server
             token = request.fhir_authorization.access_token if request.fhir_authorization else None
             deadline = time.monotonic() + policy.deadline
-            fetched = fetcher.fetch_all(request.fhir_server, token, to_fetch, deadline)
+            fetched = fetcher.fetch_all(request.fhir_server, token, to_fetch, deadline,
+                                        approved)
             for key, (items, status) in fetched.items():
                 statuses.append(status)
                 if items is not None:
@@ -960,7 +1029,7 @@ def load_record(request: HookRequest, service: Service, fetcher: FhirFetcher | N
             "data this service needs could not be obtained",
             [Issue(f"prefetch.{s.key}",
                    f"{s.key} ({service.prefetch[s.key]}) was not prefetched and could not be "
-                   f"fetched: {s.reason}", "not-found") for s in missing])
+                   f"fetched: {s.reason}", s.code) for s in missing])
     if others:
         log.warning("left out resources that name another patient",
                     extra={"dropped": dict(others)})
@@ -1073,8 +1142,9 @@ def _patient_reference(raw: dict[str, Any]) -> str | None:
     return None
 
 
-def _cannot_fetch(request: HookRequest, fetcher: FhirFetcher | None, policy: FetchPolicy) -> str:
-    if fetcher is None:
+def _cannot_fetch(request: HookRequest, fetcher: FhirFetcher | None, policy: FetchPolicy,
+                  egress: EgressRule | None) -> str:
+    if fetcher is None or egress is None:
         return "fetching from the FHIR server is disabled"
     if not request.fhir_server:
         return "the request named no fhirServer"

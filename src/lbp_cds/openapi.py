@@ -33,10 +33,12 @@ _SCHEMAS = (
 
 _ERRORS = {
     "400": "The body is not valid JSON, nests too deep, or is not a valid CDS Hooks request for "
-           "this service (wrong hook, missing or malformed fields); the issues name each field.",
+           "this service (wrong hook, missing or malformed fields), or its `fhirServer` is not "
+           "one this client may send the service to; the issues name each field.",
     "401": "Missing or invalid client JWT (expired, wrong `aud`/`iss`, replayed `jti`, "
-           "untrusted `jku`, `none`/symmetric algorithm ...). No detail is given.",
-    "404": "No CDS service with this id.",
+           "untrusted `jku`, `none`/symmetric algorithm ...). The OperationOutcome names only "
+           "the category; the reason is in the service's log under the `X-Request-Id`.",
+    "404": "No CDS service with this id (answered after authentication).",
     "412": "Data the service needs were neither prefetched nor obtainable from `fhirServer`.",
     "413": "The body is larger than the service accepts (`LBP_CDS_MAX_BODY_BYTES`).",
     "415": "The body is not `application/json` (or `application/fhir+json`).",

@@ -89,7 +89,8 @@ def fhir_headers(token: str | None) -> dict[str, str]:
 
 def _fhir_get(session: requests.Session, url: str, token: str | None) -> dict[str, Any]:
     try:
-        response = session.get(url, headers=fhir_headers(token), timeout=FHIR_TIMEOUT_S)
+        response = session.get(url, headers=fhir_headers(token), timeout=FHIR_TIMEOUT_S,
+                               allow_redirects=False)  # a redirect is an answer, not followed
     except requests.RequestException as exc:
         raise KeyFailed(f"the FHIR server could not be reached ({type(exc).__name__})") from None
     try:
