@@ -358,7 +358,7 @@ def test_the_patient_is_parsed_as_the_elements_rules_read():
     unknown_age = evaluate_fact(FACTS["age"].fn, context(bad),
                                 {"op": "ge", "value": 56, "label": "age"})
     assert unknown_age.status == "unknown"
-    assert "age: birthDate of 1 Patient could not be read" in unknown_age.unknown
+    assert "age: birthDate of 1 Patient could not be read" in [u.reason for u in unknown_age.unknown]
     assert bad.dropped["Patient"]["birthDate"] == 1 and bad.parse_failures["Patient"] == 0
     assert sex(context(bad), {"is": "female"}).status == "present"
 
@@ -434,7 +434,8 @@ def test_an_unreadable_resource_makes_a_fact_unknown_not_absent():
     args = {"valueset": pack.valueset("ces"), "label": "cauda equina"}
     result = evaluate_fact(FACTS["condition"].fn, ctx, args)
     assert result.status == "unknown"
-    assert result.unknown == ("cauda equina: 1 Condition could not be read",)
+    assert [(u.reason, u.kind) for u in result.unknown] == [
+        ("cauda equina: 1 Condition could not be read", "unreadable")]
     assert record.parse_failures["Condition"] == 1
     # Without the unreadable one, the same question is answered absent.
     clean = record_from_resources("p1", [patient(), condition("M54.41")])

@@ -250,8 +250,8 @@ def _leaves(engine: RuleEngine) -> list[Any]:
                 walk(s)
 
     for rule in engine.rules.values():
-        for node in [rule.when, rule.order_filter, *(n for _i, n in rule.escalate),
-                     *(n for _n, n in rule.notes)]:
+        for node in [rule.when, rule.order_filter, rule.ask_when,
+                     *(n for _i, n in rule.escalate), *(n for _n, n in rule.notes)]:
             if node is not None:
                 walk(node)
     return out

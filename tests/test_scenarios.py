@@ -131,7 +131,7 @@ def test_every_card_is_readable_in_ten_seconds(real_app, all_cards):
         assert len(lines) <= 12, (where, len(lines))
         for line in lines:
             if line.startswith("**Not checked:**"):
-                named = line.split("(+")[0].removeprefix("**Not checked:**").split(",")
+                named = line.split("(+")[0].removeprefix("**Not checked:**").split("; ")
                 assert len(named) <= style.not_checked_named, where
             if line.startswith("**On record:**"):
                 assert len(line.split("(+")[0].split("; ")) <= style.evidence_lines, where

@@ -11,7 +11,7 @@ import copy
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -41,6 +41,7 @@ class CardContext:
     age: float | None = None
     draft_raw: Callable[[str], dict[str, Any] | None] = lambda _id: None
     drafts: tuple[dict[str, Any], ...] = ()  # every draft order of the call, as received
+    asking: frozenset[str] = frozenset()  # rules in their ask state in this answer
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ def render(matches: list[RuleMatch], knowledge: Knowledge, cc: CardContext) -> l
     Returns:
         Rendered cards with their rule ids.
     """
+    # A rule asking its question on another card of this answer is named first where it is
+    # not checked ("No red flag recorded" beside "a fall or sudden onset?" must not bury it).
+    asking = frozenset(m.rule.id for m in matches if m.state == "ask")
+    if asking:
+        cc = replace(cc, asking=asking)
     return [_card(m, knowledge, cc) for m in matches]
 
 
@@ -129,8 +135,8 @@ def _detail(m: RuleMatch, spec: dict[str, Any], k: Knowledge, cc: CardContext) -
     for note in m.notes:
         text = str(spec["notes"][note]).strip()
         if "{evidence}" in text:  # the note names what made it hold ("age 62 years")
-            shown = "; ".join(_evidence_lines(m.note_evidence.get(note, ())))
-            text = text.replace("{evidence}", _md(shown[:1].lower() + shown[1:]))
+            said = "; ".join(_evidence_lines(m.note_evidence.get(note, ())))
+            text = text.replace("{evidence}", _md(said[:1].lower() + said[1:]))
         head.append(text)
     if not cc.record_checked:
         head.append("**The record could not be obtained: red flags and mimics were not checked.** "
@@ -145,7 +151,7 @@ def _detail(m: RuleMatch, spec: dict[str, Any], k: Knowledge, cc: CardContext) -
         out = []
         if named[:n]:
             extra = more + len(named) - n
-            out.append("**Not checked:** " + ", ".join(_md(x) for x in named[:n])
+            out.append("**Not checked:** " + "; ".join(_md(x) for x in named[:n])
                        + (f" (+{extra} more)" if extra else "") + ".")
         if gaps:
             out.append("**Could not be checked:** " + "; ".join(_md(g) for g in gaps) + ".")
@@ -257,7 +263,7 @@ def _not_checked(m: RuleMatch, k: Knowledge, cc: CardContext) -> tuple[list[str]
         if u.kind == UNREADABLE:
             unread.append(u.reason)
             continue
-        said = _phrase(u, pos, m, k)
+        said = _phrase(u, pos, m, k, cc)
         if said is not None and not said[0].applies(cc.sex, cc.age):
             continue
         if u.kind == UNAVAILABLE:
@@ -285,7 +291,8 @@ def _not_checked(m: RuleMatch, k: Knowledge, cc: CardContext) -> tuple[list[str]
     return gaps, names[:n], max(0, len(names) - n)
 
 
-def _phrase(u: Unknown, pos: int, m: RuleMatch, k: Knowledge) -> tuple[Phrase, int] | None:
+def _phrase(u: Unknown, pos: int, m: RuleMatch, k: Knowledge, cc: CardContext
+            ) -> tuple[Phrase, int] | None:
     """How to name an unknown on this card, and its rank (lower is more dangerous): the question
     an ask state asks first; then another rule's red flag by that rule; then the topic."""
     style = k.style
@@ -294,7 +301,8 @@ def _phrase(u: Unknown, pos: int, m: RuleMatch, k: Knowledge) -> tuple[Phrase, i
         return (style.topics.get(u.topic) or Phrase(_fallback(u, k)),
                 -len(ask.about) + ask.about.index(u.topic))
     if u.rule and u.rule != m.rule.id and u.rule in style.rules:
-        return style.rules[u.rule], list(style.rules).index(u.rule)
+        first = -100 if u.rule in cc.asking else 0
+        return style.rules[u.rule], first + list(style.rules).index(u.rule)
     if u.topic in style.topics:
         return style.topics[u.topic], 1000 + list(style.topics).index(u.topic)
     if not u.topic:

@@ -769,8 +769,9 @@ def _load_problem_list(path: Path) -> dict[str, Currency]:
 def _phrases(raw: Any, where: str) -> dict[str, Phrase]:
     out: dict[str, Phrase] = {}
     for key, entry in (raw or {}).items():
-        if not isinstance(entry, dict) or not entry.get("say"):
-            raise KnowledgeError(f"{where} {key}: needs say")
+        if not isinstance(entry, dict) or not entry.get("say") or ";" in str(entry["say"]):
+            raise KnowledgeError(f"{where} {key}: needs say, without ';' (it separates the "
+                                 "names on a card)")
         applies = entry.get("applies") or {}
         if set(entry) - {"say", "applies"} or set(applies) - {"sex", "min_age", "max_age"}:
             raise KnowledgeError(f"{where} {key}: takes say and applies (sex, min_age, max_age)")
