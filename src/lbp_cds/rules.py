@@ -176,13 +176,18 @@ class RuleRef(Node):
     if_unknown: str | None = None
 
     def _evaluate(self, ctx: Context, engine: RuleEngine) -> Result:
+        key = ("tagged", self.rule_id, id(ctx.order))
+        cached: Result | None = ctx.cache.get(key)
+        if cached is not None:
+            return cached
         r = engine.outcome(self.rule_id, ctx)
-        if not r.unknown or all(u.rule for u in r.unknown):
-            return r
-        # Unknowns remember the innermost rule they came through: "cauda equina symptoms not
-        # asked" reads better on a conservative-care card than four intake items.
-        tagged = tuple(u if u.rule else replace(u, rule=self.rule_id) for u in r.unknown)
-        return Result(r.status, r.evidence, tagged, r.ask, r.value)
+        if r.unknown and not all(u.rule for u in r.unknown):
+            # Unknowns remember the innermost rule they came through: "cauda equina symptoms not
+            # asked" reads better on a conservative-care card than four intake items.
+            tagged = tuple(u if u.rule else replace(u, rule=self.rule_id) for u in r.unknown)
+            r = Result(r.status, r.evidence, tagged, r.ask, r.value)
+        ctx.cache[key] = r
+        return r
 
 
 @dataclass
