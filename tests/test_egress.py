@@ -36,6 +36,7 @@ from lbp_cds.egress import (
     parse_base,
 )
 from lbp_cds.errors import FhirServerRefused
+from tests.builders import tls_files
 from tests.conftest import MINI
 from tests.service_server import triage_request
 
@@ -504,49 +505,6 @@ def test_fhir_server_answering_401_is_a_412_saying_whether_a_token_was_sent(
 # --------------------------------------------------------------------------- https, pinned
 
 
-def _tls_files(folder: Path, host: str) -> tuple[Path, Path, Path]:
-    """A test CA, and a certificate for ``host`` it signed: (ca.pem, leaf.pem, leaf.key)."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lbp-cds egress test CA")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
-                                       False), critical=True)
-          .add_extension(ca_ski, critical=False)
-          .sign(ca_key, hashes.SHA384()))
-    key = ec.generate_private_key(ec.SECP384R1())
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                           critical=False)
-            .sign(ca_key, hashes.SHA384()))
-    ca_file, cert_file, key_file = folder / "ca.pem", folder / "leaf.pem", folder / "leaf.key"
-    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return ca_file, cert_file, key_file
-
-
 def test_https_to_a_pinned_address_checks_the_certificate_against_the_name(
         tmp_path: Path, fhir: Fhir) -> None:
     """TLS to a name mapped to 127.0.0.1: the socket goes to the checked address, SNI and the
@@ -555,7 +513,7 @@ def test_https_to_a_pinned_address_checks_the_certificate_against_the_name(
 
     from lbp_cds.fhir_data import FetchPolicy, FhirFetcher
 
-    ca_file, cert_file, key_file = _tls_files(tmp_path, HOSPITAL)
+    ca_file, cert_file, key_file = tls_files(tmp_path, HOSPITAL)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_file, key_file)
     names: list[str | None] = []

@@ -38,12 +38,11 @@ from typing import Any
 import jwt
 import pytest
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm
 
+from tests.builders import tls_files
 from tests.service_server import (
     CdsClientKeys,
     ServerFactory,
@@ -475,39 +474,8 @@ class TlsInterceptingProxy:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def _tls_context(self, folder: Path, host: str) -> ssl.SSLContext:
-        now = dt.datetime.now(dt.timezone.utc)
-        ca_key = ec.generate_private_key(ec.SECP384R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lbp-cds test CA")])
-        ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-        ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-              .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-              .not_valid_before(now - dt.timedelta(hours=1))
-              .not_valid_after(now + dt.timedelta(days=1))
-              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-              .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
-                                           False, False), critical=True)
-              .add_extension(ca_ski, critical=False)
-              .sign(ca_key, hashes.SHA384()))
-        key = ec.generate_private_key(ec.SECP384R1())
-        leaf = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-                .issuer_name(ca_name).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(hours=1))
-                .not_valid_after(now + dt.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
-                               critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                    ca_ski), critical=False)
-                .sign(ca_key, hashes.SHA384()))
-        self.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-        cert_file, key_file = folder / "leaf.pem", folder / "leaf.key"
-        cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+        ca_file, cert_file, key_file = tls_files(folder, host)
+        assert ca_file == self.ca_file
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert_file, key_file)
         return context
