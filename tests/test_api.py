@@ -493,3 +493,44 @@ def test_conditions_none_of_which_can_be_read_are_412(real_app):
     assert resp.status_code == 412
     assert outcome_locations(resp) == ["prefetch.conditions"]
     assert "could be read" in resp.json["issue"][0]["diagnostics"]
+
+
+def pregnant(sc: Any) -> Any:
+    """The scenario's patient as a woman of 31, pregnant (Z33.1) for ten weeks."""
+    from dataclasses import replace as dc_replace
+    from datetime import timedelta
+
+    patient_resource = {**sc.patient, "gender": "female",
+                        "birthDate": f"{sc.now.year - 31}-01-15"}
+    onset = (sc.now - timedelta(weeks=10)).date().isoformat()
+    pregnancy = {
+        "resourceType": "Condition", "id": "preg-bend-1",
+        "clinicalStatus": {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+            "code": "active"}]},
+        "category": [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/condition-category",
+            "code": "problem-list-item"}]}],
+        "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "Z33.1",
+                             "display": "Pregnant state, incidental"}]},
+        "subject": {"reference": f"Patient/{sc.patient['id']}"},
+        "onsetDateTime": onset, "recordedDate": onset}
+    return dc_replace(sc, patient=patient_resource, resources=[*sc.resources, pregnancy])
+
+
+def test_in_pregnancy_the_infection_card_offers_mri_without_contrast(real_app):
+    """Issue 14 review: the pregnancy note says 'gadolinium only if essential', so the button is
+    the MRI without contrast; a non-pregnant patient keeps the MRI without and with contrast."""
+    service_id, body, now = scenario_body("inf-ivdu-fever", pregnant)
+    resp = call_real(real_app, service_id, body, now)
+    cards = {c["extension"]["org.lbp-cds.rule"]["ruleId"]: c for c in resp.json["cards"]}
+    assert "PREG-1" in cards and "INF-1" in cards, rules_of(resp)
+    labels = [s["label"] for s in cards["INF-1"]["suggestions"]]
+    assert "Order lumbar MRI without contrast (urgent; pregnant)" in labels
+    assert not any("without and with contrast" in label for label in labels)
+    service_id, body, now = scenario_body("inf-ivdu-fever")
+    labels = [s["label"] for c in call_real(real_app, service_id, body, now).json["cards"]
+              if c["extension"]["org.lbp-cds.rule"]["ruleId"] == "INF-1"
+              for s in c["suggestions"]]
+    assert "Order lumbar MRI without and with contrast (urgent)" in labels
+    assert not any("pregnant" in label for label in labels)
