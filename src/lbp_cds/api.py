@@ -60,6 +60,8 @@ class Runtime:
     fetcher: FhirFetcher | None
     policy: FetchPolicy
     clock: Callable[[], datetime]
+    # Rules run silently (LBP_CDS_SILENT_RULES and the site file's silent_rules, checked).
+    silent: frozenset[str] = frozenset()
 
 
 def runtime() -> Runtime:
@@ -231,18 +233,22 @@ def call_service(service_id: str) -> Response:
         observability.PRECONDITION_FAILED.labels(service_id).inc()
         raise
     _observe_fetch(record)
-    issued, actions = respond(rt, service, req, record, rt.clock())
+    answer = respond_all(rt, service, req, record, rt.clock())
+    issued, actions, silent = answer.shown, answer.actions, answer.silent
     try:
         rt.store.record_issued(service.id, req.hook_instance, issued,
-                               knowledge_digest=rt.knowledge.digest)
+                               knowledge_digest=rt.knowledge.digest, silent=silent)
     except SQLAlchemyError as exc:
         # The clinician's cards matter more than their audit row: answer, and say so loudly.
         observability.STORE_FAILURES.labels("record_issued").inc()
         log.error("issued cards were not recorded", extra={"error": type(exc).__name__})
     for c in issued:
         observability.CARDS.labels(service.id, c.rule_id, c.indicator).inc()
+    for c in silent:
+        observability.CARDS_SILENT.labels(service.id, c.rule_id, c.indicator).inc()
     log.info("cards issued", extra={"service": service.id, "hook": req.hook,
                                     "rules": [c.rule_id for c in issued],
+                                    "silent_rules": [c.rule_id for c in silent],
                                     "resources": record.total,
                                     "unparsable": sum(record.parse_failures.values())})
     return json_response(pama.response([c.card for c in issued], actions, rt.engine))
@@ -263,11 +269,34 @@ def evaluate(rt: Runtime, service: Service, req: hooks.HookRequest, record: Pati
     return respond(rt, service, req, record, now)[0]
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What a hook call gives: the cards shown, the system actions, and the silent cards
+    (rendered and recorded like the others, never returned)."""
+
+    shown: list[cards.IssuedCard]
+    actions: list[dict[str, Any]]
+    silent: list[cards.IssuedCard]
+
+
 def respond(rt: Runtime, service: Service, req: hooks.HookRequest, record: PatientRecord,
             now: datetime) -> tuple[list[cards.IssuedCard], list[dict[str, Any]]]:
     """The cards, and the system actions that rate the judged imaging orders (``pama.py``)."""
+    answer = respond_all(rt, service, req, record, now)
+    return answer.shown, answer.actions
+
+
+def respond_all(rt: Runtime, service: Service, req: hooks.HookRequest, record: PatientRecord,
+                now: datetime) -> Answer:
+    """The cards shown, the system actions, and the cards of the rules run silently.
+
+    Silent matches are rendered on their own, and the shown cards and the order ratings are
+    made as if they were absent (a silent rule must change nothing a clinician sees).
+    """
     orders = judged_orders(req, record)
-    matches = rt.engine.evaluate(service, record, now, orders)
+    every = rt.engine.evaluate(service, record, now, orders, silent=rt.silent)
+    matches = [m for m in every if not m.silent]
+    silent = [m for m in every if m.silent]
     raw_by_id = {str(r.get("id")): r for r in req.draft_orders if isinstance(r, dict)}
     checked = any(s.state != "unavailable" for s in record.statuses) or not record.statuses
     base = rt.settings.public_base_url or (request.host_url if has_request_context() else "")
@@ -285,8 +314,9 @@ def respond(rt: Runtime, service: Service, req: hooks.HookRequest, record: Patie
         log.warning("read leniently", extra={
             "unreadable": dict(record.parse_failures),
             "dropped_elements": {t: dict(c) for t, c in record.dropped.items()}})
-    return cards.render(matches, rt.knowledge, cc), pama.system_actions(
-        rt.engine, service.id, req.hook, record, now, orders, matches, raw_by_id)
+    return Answer(cards.render(matches, rt.knowledge, cc), pama.system_actions(
+        rt.engine, service.id, req.hook, record, now, orders, matches, raw_by_id),
+        cards.render(silent, rt.knowledge, cc) if silent else [])
 
 
 def _observe_fetch(record: PatientRecord) -> None:
@@ -322,7 +352,7 @@ def _store_feedback(rt: Runtime, service_id: str, items: list[hooks.Feedback]) -
     for pos, item in enumerate(items):
         stored = rt.store.card(item.card)
         where = f"feedback[{pos}]"
-        if stored is None:
+        if stored is None or stored.silent:  # a silent card was never shown: none to judge
             problems.append(Issue(f"{where}.card", f"card {item.card} was not issued by this "
                                   "service", "not-found"))
             continue

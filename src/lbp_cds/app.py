@@ -57,6 +57,9 @@ def create_app(
     observability.KNOWLEDGE.labels(pack.digest[:KNOWLEDGE_DIGEST_SHOWN]).set(1)
     log.info("knowledge loaded", extra={"knowledge_digest": pack.digest, "root": str(pack.root),
                                         "rules": len(pack.rules), "services": len(pack.services)})
+    silent = settings.silent_rule_ids(r.id for r in pack.rules) | pack.silent_rules
+    if silent:
+        log.warning("rules run silently: recorded, not shown", extra={"rules": sorted(silent)})
     store = Store(settings.database_url)
     store.migrate()
     http = session or requests.Session()  # JWKS URLs (from the clients file, not requests)
@@ -99,7 +102,7 @@ def create_app(
     app.extensions["lbp_cds"] = api.Runtime(
         settings=settings, knowledge=pack, engine=engine, store=store, verifier=verifier,
         fetcher=FhirFetcher(session, policy, resolver=resolver), policy=policy,
-        clock=clock or api.now_utc,
+        clock=clock or api.now_utc, silent=silent,
     )
     app.register_blueprint(api.bp)
     api.errors_to_outcome(app)

@@ -124,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list the knowledge packs cards were issued by, with when, instead")
     f.set_defaults(func=cmd_feedback_report)
 
+    b = sub.add_parser("burden", help="alert burden per rule, knowledge version and week: "
+                                      "cards shown, silent, accepted, overridden")
+    b.add_argument("--since", type=_since, metavar="DATE",
+                   help="only cards issued on or after DATE (ISO 8601, e.g. 2026-11-02; UTC)")
+    b.add_argument("--json", action="store_true", help="print the rows as JSON")
+    b.add_argument("--html", type=Path, metavar="FILE",
+                   help="also write the HTML report (charts) to FILE")
+    b.set_defaults(func=cmd_burden)
+
     m = sub.add_parser("migrate", help="create the store's schema or migrate it to the newest "
                                        "revision (serve does this on start)")
     m.set_defaults(func=cmd_migrate)
@@ -460,6 +469,68 @@ def cmd_feedback_report(args: argparse.Namespace) -> int:
         print(f"{e['rule']:<14}{e['issued']:>8}{e['accepted']:>10}{e['overridden']:>12}"
               f"{e['acceptance_rate'] * 100:>8.1f}%{e['override_rate'] * 100:>10.1f}%  {reasons}")
     return 0
+
+
+def cmd_burden(args: argparse.Namespace) -> int:
+    """Print the alert burden the store recorded (and write the HTML report)."""
+    from lbp_cds.cards import KNOWLEDGE_DIGEST_SHOWN
+
+    render = None
+    if args.html is not None:
+        import importlib
+        import importlib.util
+
+        # Only the module's absence is this message: an error inside it is shown as it is.
+        if importlib.util.find_spec("lbp_cds.report") is None:
+            print("lbp-cds burden: the HTML report needs lbp_cds.report (not installed)",
+                  file=sys.stderr)
+            return 2
+        render = importlib.import_module("lbp_cds.report").burden_html
+    try:
+        with _existing_store() as store:
+            rows = store.burden(args.since)
+            database = _store_label(store)
+            cards = store.count("issued_cards")
+    except MissingStore as exc:
+        print(f"lbp-cds burden: {exc}", file=sys.stderr)
+        return 1
+    since = args.since.date().isoformat() if args.since else None
+    counted = sum(r["shown"] + r["silent"] for r in rows)
+    # On standard error: standard output stays the report alone (--json is parsed).
+    print(f"store: {database} ({cards} issued cards; {counted} counted"
+          f"{f' since {since}' if since else ''}, in {len(rows)} rows)", file=sys.stderr)
+    if render is not None:
+        meta = {"database": database, "rows": len(rows), "since": since,
+                "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        args.html.write_text(render(rows, meta), encoding="utf-8")
+        print(f"HTML report written to {args.html}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no cards recorded" + (f" since {since}" if since else ""))
+        return 0
+    print(f"{'week':<12}{'rule':<12}{'knowledge':<14}{'indicator':<10}{'shown':>7}{'silent':>8}"
+          f"{'accepted':>10}{'overridden':>12}{'accept%':>9}{'override%':>11}  override reasons")
+    for r in rows:
+        digest = (r["knowledgeDigest"] or "(not kept)")[:KNOWLEDGE_DIGEST_SHOWN]
+        reasons = "; ".join(f"{k} ({v})" for k, v in r["overrideReasons"].items())
+        print(f"{r['week']:<12}{r['ruleId']:<12}{digest:<14}{r['indicator']:<10}"
+              f"{r['shown']:>7}{r['silent']:>8}{r['accepted']:>10}{r['overridden']:>12}"
+              f"{_percent(r['acceptRate']):>9}{_percent(r['overrideRate']):>11}  {reasons}")
+    return 0
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate * 100:.1f}%"
+
+
+def _since(value: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date: {value!r}") from None
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when
 
 
 def _hex_prefix(value: str) -> str:

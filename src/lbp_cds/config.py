@@ -8,7 +8,7 @@ naming the variable.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,14 @@ class Settings:
     )
     parameters_file: str = field(
         default="",
-        metadata={"doc": "YAML of site overrides for clinical parameters (values only)."},
+        metadata={"doc": "YAML of site overrides for clinical parameters (values only), and "
+                  "`silent_rules`: the rules run silently (see Going live)."},
+    )
+    silent_rules: str = field(
+        default="",
+        metadata={"doc": "Comma-separated rule ids (or `*` for all) run silently: evaluated and "
+                  "stored as issued with `silent` marked, never shown (a go-live's silent "
+                  "period; see Going live). Adds to the site parameters file's `silent_rules`."},
     )
     fhir_connect_timeout_seconds: float = field(
         default=2.0, metadata={"doc": "Connect timeout of each FHIR request."})
@@ -152,6 +159,10 @@ class Settings:
             raise ConfigError(f"{PREFIX}JWT_ALGORITHMS is empty")
         if "*" in self.origins and not self.dev:
             raise ConfigError(f"{PREFIX}CORS_ORIGINS='*' is allowed only in dev mode")
+        silent = self.silent
+        if "*" in silent and len(silent) > 1:
+            raise ConfigError(f"{PREFIX}SILENT_RULES is `*` (every rule) or a list of rule ids, "
+                              "not both")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
 
@@ -166,9 +177,48 @@ class Settings:
         return tuple(o.strip() for o in self.cors_origins.split(",") if o.strip())
 
     @property
+    def silent(self) -> tuple[str, ...]:
+        """The silent rule ids as written (``*`` for all), without checking them against a pack.
+        """
+        return tuple(dict.fromkeys(r.strip() for r in self.silent_rules.split(",") if r.strip()))
+
+    def silent_rule_ids(self, known: Iterable[str]) -> frozenset[str]:
+        """The rules run silently, checked against the rule ids of the loaded pack.
+
+        Args:
+            known: every rule id of the knowledge pack.
+
+        Returns:
+            The silent rule ids (all of ``known`` for ``*``).
+
+        Raises:
+            ConfigError: a listed rule id is not in the pack (a typo would otherwise leave the
+                rule live while the site believes it silent).
+        """
+        return resolve_silent(self.silent, known, f"{PREFIX}SILENT_RULES")
+
+    @property
     def knowledge_path(self) -> Path | None:
         """The configured knowledge folder, or None for the bundled pack."""
         return Path(self.knowledge_dir) if self.knowledge_dir else None
+
+
+def resolve_silent(listed: Iterable[str], known: Iterable[str], where: str) -> frozenset[str]:
+    """Rule ids listed as silent (``*``: all of ``known``), each checked to be a known rule.
+
+    Raises:
+        ConfigError: naming ``where`` and the unknown ids.
+    """
+    listed = tuple(listed)
+    known_ids = frozenset(known)
+    if "*" in listed:
+        return known_ids
+    unknown = [r for r in listed if r not in known_ids]
+    if unknown:
+        raise ConfigError(
+            f"{where} names rules the knowledge pack does not have: {', '.join(unknown)} "
+            f"(its rules: {', '.join(sorted(known_ids))})")
+    return frozenset(listed)
 
 
 def _convert(name: str, raw: str, kind: Any) -> Any:

@@ -343,6 +343,9 @@ class Knowledge:
     valueset_facts: dict[str, set[str]] = field(default_factory=dict)
     # SHA-256 of the pack as loaded (``pack_digest``): which reviewed knowledge gave a card.
     digest: str = ""
+    # Rules the site parameters file runs silently (``silent_rules``): evaluated and stored,
+    # never shown. ``LBP_CDS_SILENT_RULES`` adds to these (``app.create_app``).
+    silent_rules: frozenset[str] = frozenset()
     _universe: CodeUniverse | None = field(default=None, repr=False)
 
     @property
@@ -449,7 +452,8 @@ def load(root: Path | None = None, parameters_file: Path | None = None) -> Knowl
 
     Args:
         root: the pack's folder (default: the bundled pack).
-        parameters_file: optional YAML of site overrides ``{parameters: {name: value}}``.
+        parameters_file: optional YAML of site overrides ``{parameters: {name: value}}``,
+            and the rules the site runs silently (``silent_rules: [RULE-ID, ...]`` or ``"*"``).
 
     Returns:
         The loaded pack; rule trees are checked by ``rules.RuleEngine``.
@@ -500,6 +504,8 @@ def load(root: Path | None = None, parameters_file: Path | None = None) -> Knowl
         style=_load_style(root / "card-style.yaml"),
         pama=_load_pama(root / "pama.yaml"),
         digest=pack_digest(root, parameters_file),
+        silent_rules=(_site_silent_rules(parameters_file, [r.id for r in rules])
+                      if parameters_file else frozenset()),
     )
     _cross_check(knowledge)
     return knowledge
@@ -577,6 +583,22 @@ def _apply_overrides(parameters: dict[str, Parameter], path: Path) -> None:
             raise KnowledgeError(f"{path}: parameter {name} must be like {old.value!r}")
         parameters[name] = Parameter(name, value, old.unit, old.source,
                                      f"{old.note} (site override)".strip(), old.convention)
+
+
+def _site_silent_rules(path: Path, rule_ids: list[str]) -> frozenset[str]:
+    """The site file's ``silent_rules``: a list of rule ids, or ``"*"`` for every rule."""
+    raw = _yaml(path).get("silent_rules")
+    if raw is None:
+        return frozenset()
+    if raw == "*":
+        return frozenset(rule_ids)
+    if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
+        raise KnowledgeError(f"{path}: silent_rules is a list of rule ids, or \"*\" for all")
+    unknown = [r for r in raw if r not in rule_ids]
+    if unknown:
+        raise KnowledgeError(f"{path}: silent_rules names rules the knowledge pack does not "
+                             f"have: {', '.join(unknown)}")
+    return frozenset(raw)
 
 
 def _load_citations(path: Path) -> dict[str, Citation]:

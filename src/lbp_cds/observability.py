@@ -38,6 +38,8 @@ LATENCY = Histogram("lbp_cds_request_seconds", "HTTP request latency by endpoint
                     ["endpoint", "service", "hook"], buckets=LATENCY_BUCKETS)
 CARDS = Counter("lbp_cds_cards_total", "Cards issued by rule and indicator",
                 ["service", "rule", "indicator"])
+CARDS_SILENT = Counter("lbp_cds_cards_silent_total", "Cards of rules run silently (recorded, "
+                       "not shown) by rule and indicator", ["service", "rule", "indicator"])
 FHIR_FETCH = Histogram("lbp_cds_fhir_fetch_seconds", "Time to fetch one prefetch key from the "
                        "EHR's FHIR server", ["key", "outcome"], buckets=LATENCY_BUCKETS)
 FHIR_FAILURES = Counter("lbp_cds_fhir_fetch_failures_total", "Prefetch keys that could not be "

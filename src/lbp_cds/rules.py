@@ -219,6 +219,8 @@ class RuleMatch:
     state: str = "fire"  # or "ask": only unknowns stand between the rule and firing
     silent_beside: tuple[str, ...] = ()
     note_evidence: dict[str, tuple[Evidence, ...]] = field(default_factory=dict)
+    # The site runs this rule silently: the card is recorded, never shown (go-live period).
+    silent: bool = False
 
     @property
     def not_checked(self) -> tuple[str, ...]:
@@ -399,7 +401,8 @@ class RuleEngine:
         return result
 
     def evaluate(self, service: Service, record: PatientRecord, now: datetime,
-                 orders: list[Any] | None = None) -> list[RuleMatch]:
+                 orders: list[Any] | None = None,
+                 silent: frozenset[str] = frozenset()) -> list[RuleMatch]:
         """Every rule of the service's hook that fires, most urgent first.
 
         Args:
@@ -407,6 +410,10 @@ class RuleEngine:
             record: the patient's data.
             now: the clock (tests and scenarios fix it).
             orders: the judged draft orders (parsed), for order hooks.
+            silent: ids of the rules the site runs silently. Their matches come back marked
+                ``silent`` and count as absent for the shown cards: a silent critical card
+                does not silence a shown card beside it. A silent match is itself dropped when
+                it would have been silenced had every rule been live (what it would have shown).
 
         Returns:
             One match per fired rule (per judged order for order rules), critical first, with
@@ -430,8 +437,12 @@ class RuleEngine:
                 match = self._match(rule, sub)
                 if match:
                     matches.append(match)
-        issued = {m.indicator for m in matches if m.state == "fire"}
-        matches = [m for m in matches if not set(m.silent_beside) & issued]
+        for m in matches:
+            m.silent = m.rule.id in silent
+        shown = {m.indicator for m in matches if m.state == "fire" and not m.silent}
+        live = {m.indicator for m in matches if m.state == "fire"}
+        matches = [m for m in matches
+                   if not set(m.silent_beside) & (live if m.silent else shown)]
         matches.sort(key=lambda m: (SEVERITY[m.indicator], m.position))
         return matches
 

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    false,
     text,
     true,
 )
@@ -52,7 +53,7 @@ metadata = MetaData()
 MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest revision in migrations/versions (tests/test_migrations.py checks they agree). A
 # process that finds the database at it needs no Alembic: 0.2 s and 10 MB per gunicorn worker.
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 
 issued_cards = Table(
     "issued_cards", metadata,
@@ -65,6 +66,8 @@ issued_cards = Table(
     Column("issued_at", DateTime(timezone=True), nullable=False, index=True),
     # The knowledge pack's SHA-256 (Knowledge.digest); NULL for cards issued before revision 0003.
     Column("knowledge_digest", String(64)),
+    # A card of a rule run silently (revision 0004): recorded, never shown; no feedback on it.
+    Column("silent", Boolean, nullable=False, default=False, server_default=false()),
 )
 
 feedback = Table(
@@ -98,6 +101,7 @@ class StoredCard:
     rule_id: str
     indicator: str
     suggestion_uuids: tuple[str, ...]
+    silent: bool = False
 
 
 class Store:
@@ -205,15 +209,21 @@ class Store:
 
     # -- issued cards ---------------------------------------------------------------------------
     def record_issued(self, service_id: str, hook_instance: str, cards: Iterable[IssuedCard],
-                      now: datetime | None = None, knowledge_digest: str | None = None) -> None:
-        """Keep a row per issued card (no patient data), with the knowledge pack's digest."""
+                      now: datetime | None = None, knowledge_digest: str | None = None,
+                      silent: Iterable[IssuedCard] = ()) -> None:
+        """Keep a row per issued card (no patient data), with the knowledge pack's digest.
+
+        Args:
+            cards: the cards shown.
+            silent: the cards of rules run silently (recorded with ``silent`` true).
+        """
         when = now or datetime.now(timezone.utc)
         rows = [{
             "card_uuid": c.card["uuid"], "service_id": service_id, "rule_id": c.rule_id,
             "indicator": c.indicator, "hook_instance": hook_instance,
             "suggestion_uuids": ",".join(c.suggestion_uuids), "issued_at": when,
-            "knowledge_digest": knowledge_digest,
-        } for c in cards]
+            "knowledge_digest": knowledge_digest, "silent": hidden,
+        } for group, hidden in ((cards, False), (silent, True)) for c in group]
         if rows:
             with self.engine.begin() as conn:
                 conn.execute(insert(issued_cards), rows)
@@ -226,7 +236,8 @@ class Store:
         if row is None:
             return None
         return StoredCard(row["card_uuid"], row["service_id"], row["rule_id"], row["indicator"],
-                          tuple(s for s in row["suggestion_uuids"].split(",") if s))
+                          tuple(s for s in row["suggestion_uuids"].split(",") if s),
+                          bool(row["silent"]))
 
     # -- feedback -------------------------------------------------------------------------------
     def record_feedback(self, items: Iterable[Feedback], now: datetime | None = None
@@ -261,13 +272,14 @@ class Store:
         return new, dup
 
     def feedback_report(self, knowledge: str | None = None) -> list[dict[str, Any]]:
-        """Acceptance and override rates per rule, with override reasons.
+        """Acceptance and override rates per rule, with override reasons (shown cards only:
+        the cards of rules run silently were never seen, ``burden`` counts them).
 
         Args:
             knowledge: only cards issued by the knowledge pack whose digest starts so.
         """
         where = (issued_cards.c.knowledge_digest.startswith(knowledge, autoescape=True)
-                 if knowledge else true())
+                 if knowledge else true()) & (issued_cards.c.silent == false())
         with self.engine.connect() as conn:
             issued: dict[str, int] = dict(conn.execute(
                 select(issued_cards.c.rule_id, func.count()).where(where)
@@ -298,6 +310,72 @@ class Store:
             entry["acceptance_rate"] = round(entry["accepted"] / n, 3) if n else 0.0
             entry["override_rate"] = round(entry["overridden"] / n, 3) if n else 0.0
         return sorted(report.values(), key=lambda e: e["rule"])
+
+    def burden(self, since: datetime | None = None) -> list[dict[str, Any]]:
+        """The alert burden: per rule, knowledge digest, ISO week and indicator, the cards shown
+        and silent, and of the shown ones how many were accepted and overridden (by reason).
+
+        A card counts in the week it was issued (weeks start on Monday, UTC); a card counts once
+        as accepted and once as overridden however often its feedback was sent. Rates are of
+        the cards shown (None when none was shown).
+
+        Args:
+            since: only cards issued at or after this time.
+
+        Returns:
+            Rows ``{"ruleId", "knowledgeDigest", "week", "indicator", "shown", "silent",
+            "accepted", "overridden", "overrideReasons": {code: n}, "acceptRate",
+            "overrideRate"}`` sorted by rule, week, digest and indicator; ``week`` is the ISO
+            date of the Monday, ``knowledgeDigest`` None for cards issued before revision 0003.
+        """
+        where = issued_cards.c.issued_at >= since if since is not None else true()
+        key_cols = (issued_cards.c.rule_id, issued_cards.c.knowledge_digest,
+                    issued_cards.c.indicator, issued_cards.c.issued_at)
+        rows: dict[tuple[str, str | None, str, str], dict[str, Any]] = {}
+        key_of: dict[str, tuple[str, str | None, str, str]] = {}
+
+        def entry(rule: str, digest: str | None, indicator: str, at: datetime
+                  ) -> tuple[tuple[str, str | None, str, str], dict[str, Any]]:
+            day = _utc(at).date()
+            week = (day - timedelta(days=day.weekday())).isoformat()
+            key = (rule, digest, week, indicator)
+            if key not in rows:
+                rows[key] = {"ruleId": rule, "knowledgeDigest": digest, "week": week,
+                             "indicator": indicator, "shown": 0, "silent": 0, "accepted": 0,
+                             "overridden": 0, "overrideReasons": {}}
+            return key, rows[key]
+
+        with self.engine.connect() as conn:
+            for card_uuid, silent, *cols in conn.execute(
+                    select(issued_cards.c.card_uuid, issued_cards.c.silent, *key_cols)
+                    .where(where)):
+                key, row = entry(*cols)
+                row["silent" if silent else "shown"] += 1
+                if not silent:
+                    key_of[card_uuid] = key
+            outcomes = conn.execute(
+                select(feedback.c.card_uuid, feedback.c.outcome, feedback.c.override_code)
+                .join(issued_cards, feedback.c.card_uuid == issued_cards.c.card_uuid)
+                .where(where & (issued_cards.c.silent == false()))
+                .order_by(feedback.c.id)).all()
+        seen: set[tuple[str, str]] = set()
+        for card_uuid, outcome, code in outcomes:
+            if (card_uuid, outcome) in seen or card_uuid not in key_of:
+                continue
+            seen.add((card_uuid, outcome))
+            row = rows[key_of[card_uuid]]
+            if outcome == "accepted":
+                row["accepted"] += 1
+            elif outcome == "overridden":
+                row["overridden"] += 1
+                label = code or "(no coded reason)"
+                row["overrideReasons"][label] = row["overrideReasons"].get(label, 0) + 1
+        for row in rows.values():
+            n = row["shown"]
+            row["acceptRate"] = round(row["accepted"] / n, 4) if n else None
+            row["overrideRate"] = round(row["overridden"] / n, 4) if n else None
+            row["overrideReasons"] = dict(sorted(row["overrideReasons"].items()))
+        return [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[2], k[1] or "", k[3]))]
 
     def knowledge_versions(self) -> list[dict[str, Any]]:
         """The knowledge packs cards were issued by: digest, cards, first and last issue time.
