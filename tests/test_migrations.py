@@ -231,3 +231,32 @@ def test_replicas_starting_together_migrate_once(empty_url):
         assert differences(store) == []
     finally:
         store.engine.dispose()
+
+
+def test_revision_0004_marks_earlier_cards_shown_and_takes_an_older_replicas_rows(empty_url):
+    """Cards issued before 0004 were all shown; a replica of the previous release, which
+    inserts without the column during a rolling update, records shown cards too."""
+    store = Store(empty_url)
+    try:
+        with store.engine.connect() as conn:
+            command.upgrade(alembic_config(conn), "0003")
+            conn.commit()
+        before, during = card(), card()
+        columns = ("card_uuid, service_id, rule_id, indicator, hook_instance, "
+                   "suggestion_uuids, issued_at, knowledge_digest")
+        insert_0003 = text(f"INSERT INTO issued_cards ({columns}) VALUES "
+                           "(:u, 'svc', 'LV-1', 'warning', 'h', '', :t, NULL)")
+        with store.engine.begin() as conn:
+            conn.execute(insert_0003, {"u": before.card["uuid"], "t": T0})
+        assert store.migrate() == head() == "0004"
+        assert differences(store) == []
+        with store.engine.begin() as conn:  # the older release's INSERT, unchanged
+            conn.execute(insert_0003, {"u": during.card["uuid"], "t": T0})
+        hidden = card("CES-1")
+        store.record_issued("svc", "h2", [], T0, silent=[hidden])
+        got = {c.card["uuid"]: store.card(c.card["uuid"]) for c in (before, during, hidden)}
+        assert [g.silent for g in got.values() if g] == [False, False, True]
+        (row,) = [r for r in store.burden() if r["ruleId"] == "LV-1"]
+        assert (row["shown"], row["silent"]) == (2, 0)
+    finally:
+        store.engine.dispose()

@@ -510,12 +510,13 @@ def cmd_burden(args: argparse.Namespace) -> int:
     if not rows:
         print("no cards recorded" + (f" since {since}" if since else ""))
         return 0
-    print(f"{'week':<12}{'rule':<12}{'knowledge':<14}{'indicator':<10}{'shown':>7}{'silent':>8}"
+    w = max(len(r["ruleId"]) for r in [*rows, {"ruleId": "rule"}]) + 2
+    print(f"{'week':<12}{'rule':<{w}}{'knowledge':<14}{'indicator':<10}{'shown':>7}{'silent':>8}"
           f"{'accepted':>10}{'overridden':>12}{'accept%':>9}{'override%':>11}  override reasons")
     for r in rows:
         digest = (r["knowledgeDigest"] or "(not kept)")[:KNOWLEDGE_DIGEST_SHOWN]
         reasons = "; ".join(f"{k} ({v})" for k, v in r["overrideReasons"].items())
-        print(f"{r['week']:<12}{r['ruleId']:<12}{digest:<14}{r['indicator']:<10}"
+        print(f"{r['week']:<12}{r['ruleId']:<{w}}{digest:<14}{r['indicator']:<10}"
               f"{r['shown']:>7}{r['silent']:>8}{r['accepted']:>10}{r['overridden']:>12}"
               f"{_percent(r['acceptRate']):>9}{_percent(r['overrideRate']):>11}  {reasons}")
     return 0
