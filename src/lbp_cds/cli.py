@@ -518,7 +518,8 @@ def cmd_burden(args: argparse.Namespace) -> int:
         reasons = "; ".join(f"{k} ({v})" for k, v in r["overrideReasons"].items())
         print(f"{r['week']:<12}{r['ruleId']:<{w}}{digest:<14}{r['indicator']:<10}"
               f"{r['shown']:>7}{r['silent']:>8}{r['accepted']:>10}{r['overridden']:>12}"
-              f"{_percent(r['acceptRate']):>9}{_percent(r['overrideRate']):>11}  {reasons}")
+              f"{_percent(r['acceptRate']):>9}{_percent(r['overrideRate']):>11}  {reasons}"
+              .rstrip())
     return 0
 
 
