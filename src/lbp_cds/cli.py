@@ -430,16 +430,9 @@ def _missing_sqlite_file(url: str) -> Path | None:
     return None if path.exists() else path
 
 
-def _store_label(store: Any) -> str:
-    """Which database a command read, for the operator: the SQLite file or the URL, no password."""
-    url = store.engine.url
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        return str(Path(url.database).expanduser().absolute())
-    return str(url.render_as_string(hide_password=True))
-
-
 def cmd_feedback_report(args: argparse.Namespace) -> int:
     """Print acceptance and override rates per rule (or the knowledge versions seen)."""
+    from lbp_cds.store import store_label
     from lbp_cds.cards import KNOWLEDGE_DIGEST_SHOWN
 
     try:
@@ -447,7 +440,7 @@ def cmd_feedback_report(args: argparse.Namespace) -> int:
             versions = store.knowledge_versions() if args.versions else []
             report = [] if args.versions else store.feedback_report(knowledge=args.knowledge)
             # On standard error: standard output stays the report alone (--json is parsed).
-            print(f"store: {_store_label(store)} ({store.count('issued_cards')} issued cards, "
+            print(f"store: {store_label(store)} ({store.count('issued_cards')} issued cards, "
                   f"{store.count('feedback')} feedback entries)", file=sys.stderr)
     except MissingStore as exc:
         print(f"lbp-cds feedback-report: {exc}", file=sys.stderr)
@@ -473,6 +466,7 @@ def cmd_feedback_report(args: argparse.Namespace) -> int:
 
 def cmd_burden(args: argparse.Namespace) -> int:
     """Print the alert burden the store recorded (and write the HTML report)."""
+    from lbp_cds.store import store_label
     from lbp_cds.cards import KNOWLEDGE_DIGEST_SHOWN
 
     render = None
@@ -489,7 +483,7 @@ def cmd_burden(args: argparse.Namespace) -> int:
     try:
         with _existing_store() as store:
             rows = store.burden(args.since)
-            database = _store_label(store)
+            database = store_label(store)
             cards = store.count("issued_cards")
     except MissingStore as exc:
         print(f"lbp-cds burden: {exc}", file=sys.stderr)

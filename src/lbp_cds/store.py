@@ -470,3 +470,11 @@ def _dedupe_key(item: Feedback) -> str:
         "at": item.outcome_timestamp.isoformat(),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def store_label(store: Store) -> str:
+    """Which database a command read, for the operator: the SQLite file or the URL, no password."""
+    url = store.engine.url
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        return str(Path(url.database).expanduser().absolute())
+    return str(url.render_as_string(hide_password=True))
