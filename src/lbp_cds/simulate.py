@@ -236,7 +236,13 @@ def simulate(folder: Path, hook: str = "patient-view", now: datetime | None = No
         with tempfile.TemporaryDirectory() as tmp:
             # The app the service builds (same settings, pack and parameters); its store is a
             # throw-away file that nothing is written to.
-            settings = Settings.from_env(dev=True, database_url=f"sqlite:///{tmp}/sim.sqlite3")
+            # Cards carry links to this service (the intake questionnaire of an ask card): the
+            # service builds them from its public URL, or the URL a call arrived at; here there
+            # is no call, so the URL `lbp-cds serve` answers at stands in for it.
+            env = Settings.from_env()
+            base = env.public_base_url or f"http://{env.host}:{env.port}"
+            settings = Settings.from_env(dev=True, database_url=f"sqlite:///{tmp}/sim.sqlite3",
+                                         public_base_url=base)
             app = create_app(settings, clock=lambda: clock)
             rt: api.Runtime = app.extensions["lbp_cds"]
             services = [s for s in rt.knowledge.services if s.hook == hook]
