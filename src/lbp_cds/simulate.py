@@ -350,7 +350,9 @@ def text_report(summary: dict[str, Any]) -> str:
     lines = [f"knowledge {summary['knowledgeDigest'][:KNOWLEDGE_DIGEST_SHOWN]} · hook "
              f"{summary['hook']} · now {summary['now']}",
              f"patients: {n}" + (f" ({summary['failed']} calls failed)" if summary["failed"]
-                                 else "")]
+                                 else "")
+             + (f"; {summary['skippedFiles']} files held no Patient"
+                if summary.get("skippedFiles") else "")]
     for title, state in (("cards", "fire"), ("ask-state prompts (the card asks a question)",
                                              "ask")):
         rows = [r for r in summary["rules"] if (r["state"] == "ask") == (state == "ask")]
