@@ -16,7 +16,8 @@ from flask.testing import FlaskClient
 from lbp_cds import create_app
 from lbp_cds.config import Settings
 
-pytest_plugins = ["tests.fhir_server", "tests.service_server", "tests.medplum_server"]
+pytest_plugins = ["tests.fhir_server", "tests.service_server", "tests.medplum_server",
+                  "tests.browser"]
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "tests" / "knowledge_mini"

@@ -251,6 +251,23 @@ def codes_report() -> str:
     return "\n".join(lines)
 
 
+def export(folder: Path, now: datetime | None = None) -> int:
+    """Write every prepared record (new sciatica ten days ago) as ``folder/<name>.json``, for
+    ``lbp-cds simulate folder``; returns how many."""
+    folder.mkdir(parents=True, exist_ok=True)
+    when = now or datetime.now(timezone.utc).replace(microsecond=0)
+    paths = files()
+    for path in paths:
+        (folder / path.name).write_text(json.dumps(prepare(path, when).bundle))
+    return len(paths)
+
+
 if __name__ == "__main__":
     if "--codes" in sys.argv:
         print(codes_report())
+    elif "--export" in sys.argv and sys.argv.index("--export") + 1 < len(sys.argv):
+        target = Path(sys.argv[sys.argv.index("--export") + 1])
+        print(f"wrote {export(target)} prepared Synthea records to {target}")
+    else:
+        print("usage: python -m tests.population --codes | --export DIR", file=sys.stderr)
+        sys.exit(2)

@@ -159,6 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
     fr.set_defaults(func=cmd_fixtures_request)
     fli = fxs.add_parser("list", help="list the scenarios with their expected cards")
     fli.set_defaults(func=cmd_fixtures_list)
+    fe = fxs.add_parser("export", help="write one transaction Bundle per patient-view scenario "
+                                       "(dates moved to today) into a folder, for `simulate`")
+    fe.add_argument("folder", type=Path, help="folder to write <scenario>.json files into")
+    fe.add_argument("--as-written", action="store_true",
+                    help="keep the scenarios' own dates instead of moving them to today")
+    fe.set_defaults(func=cmd_fixtures_export)
+
+    si = sub.add_parser("simulate", help="alert burden of the knowledge pack over a folder of "
+                                         "patient records (Bundles or Bulk Data NDJSON)")
+    si.add_argument("folder", type=Path, metavar="DIR",
+                    help="FHIR R4 Bundles (*.json) or a Bulk Data export (*.ndjson)")
+    si.add_argument("--hook", default="patient-view",
+                    choices=["patient-view", "order-select", "order-sign"],
+                    help="the hook simulated, one call per patient (default patient-view; the "
+                         "order hooks judge the records' draft orders)")
+    si.add_argument("--now", help="the clock of every call, ISO 8601 (default: now)")
+    si.add_argument("--json", action="store_true", help="print the burden as JSON")
+    si.add_argument("--html", type=Path, metavar="FILE",
+                    help="also write a self-contained HTML report with charts")
+    si.add_argument("--max-share", action="append", default=[], metavar="RULE[:indicator]=SHARE",
+                    help="fail (exit 3) when more than SHARE (0-1) of the patients get a card of "
+                         "RULE (or of RULE at that indicator); repeatable")
+    si.set_defaults(func=cmd_simulate)
 
     pr = sub.add_parser("probe", help="act as an EHR: call the service for a patient")
     pr.add_argument("--fhir-server", required=True, help="FHIR R4 base URL")
@@ -610,6 +633,83 @@ def cmd_fixtures_list(args: argparse.Namespace) -> int:
             cards = f"HTTP {s.expected_status}"
         print(f"{s.id:<{width}} {s.patient_id:<{pwidth}} {s.hook:<13} {cards}")
     return 0
+
+
+def cmd_fixtures_export(args: argparse.Namespace) -> int:
+    """Write each patient-view scenario's record as a transaction Bundle (``simulate`` reads)."""
+    from lbp_cds.fixtures import load_scenarios, rebase, transaction_bundle
+
+    try:
+        args.folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"lbp-cds fixtures export: {args.folder}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    today = datetime.now(timezone.utc)
+    written = 0
+    for scenario in load_scenarios():
+        if scenario.hook != "patient-view" or scenario.expected_status != 200:
+            continue
+        if not args.as_written:
+            scenario = rebase(scenario, today)
+        path = args.folder / f"{scenario.id}.json"
+        path.write_text(json.dumps(transaction_bundle(scenario), indent=1) + "\n")
+        written += 1
+    print(f"wrote {written} patient-view scenarios as transaction Bundles to {args.folder}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """The alert burden of the knowledge pack over a folder of patient records."""
+    from lbp_cds import simulate as sim_mod
+
+    try:
+        limits = [sim_mod.parse_limit(text) for text in args.max_share]
+        now = _parse_now(args.now)
+    except ValueError as exc:
+        print(f"lbp-cds simulate: {exc}", file=sys.stderr)
+        return 2
+    if limits:  # a typo must not pass a gate silently: the rules named must exist
+        from lbp_cds.config import Settings
+        from lbp_cds.knowledge import load
+
+        settings = Settings.from_env()
+        rule_ids = {r.id for r in load(settings.knowledge_path, Path(settings.parameters_file)
+                                       if settings.parameters_file else None).rules}
+    unknown = sorted({lim.rule_id for lim in limits} - rule_ids) if limits else []
+    if unknown:
+        print(f"lbp-cds simulate: --max-share names rules the knowledge pack does not have: "
+              f"{', '.join(unknown)}", file=sys.stderr)
+        return 2
+    try:
+        sim = sim_mod.simulate(args.folder, args.hook, now, progress=sim_mod.ProgressBar())
+    except sim_mod.SimulateError as exc:
+        print(f"lbp-cds simulate: {exc}", file=sys.stderr)
+        return 1
+    for source, message in sim.failed:
+        print(f"lbp-cds simulate: {source}: the call failed: {message}", file=sys.stderr)
+    if not sim.patients:
+        print(f"lbp-cds simulate: {args.folder}: no patient records (no Bundle or NDJSON file "
+              "holds a Patient)", file=sys.stderr)
+        return 1
+    summary = sim.summary()
+    if args.html:
+        try:
+            from lbp_cds.report import simulate_html
+        except ImportError as exc:
+            print(f"lbp-cds simulate: --html needs matplotlib ({exc}): pip install "
+                  "'lbp-cds[report]'", file=sys.stderr)
+            return 2
+        try:
+            args.html.write_text(simulate_html(summary), encoding="utf-8")
+        except OSError as exc:
+            print(f"lbp-cds simulate: {args.html}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        print(f"report: {args.html.absolute()}", file=sys.stderr)
+    print(json.dumps(summary, indent=2) if args.json else sim_mod.text_report(summary))
+    over = sim_mod.exceeded(summary, sim, limits)
+    for message in over:
+        print(f"lbp-cds simulate: limit exceeded: {message}", file=sys.stderr)
+    return sim_mod.EXIT_OVER_LIMIT if over else 0
 
 
 def cmd_token(args: argparse.Namespace) -> int:
