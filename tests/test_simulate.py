@@ -202,3 +202,14 @@ def test_summary_shares_and_buckets():
     assert doc["rules"] == [
         {"ruleId": "R", "indicator": "info", "state": "fire", "patients": 2, "share": 0.6667},
         {"ruleId": "R", "indicator": "info", "state": "ask", "patients": 1, "share": 0.3333}]
+
+
+def test_silent_rules_count_as_live_in_a_simulation(small, capsys, monkeypatch):
+    """A simulation measures what every rule would show: a rule the site runs silently is
+    counted as if it were live (the silent period exists to measure it)."""
+    assert main(["simulate", str(small), "--now", NOW, "--json"]) == 0
+    live = json.loads(capsys.readouterr().out)["rules"]
+    monkeypatch.setenv("LBP_CDS_SILENT_RULES", "CES-1,CC-1")
+    assert main(["simulate", str(small), "--now", NOW, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rules"] == live
+    assert {"CES-1", "CC-1"} <= {r["ruleId"] for r in live}

@@ -12,7 +12,7 @@ import requests
 from flask import Flask
 from flask_cors import CORS
 
-from lbp_cds import api, egress, knowledge, observability, pama
+from lbp_cds import admin, api, egress, knowledge, observability, pama
 from lbp_cds.auth import JwtVerifier, load_clients
 from lbp_cds.cards import KNOWLEDGE_DIGEST_SHOWN
 from lbp_cds.config import Settings
@@ -105,6 +105,7 @@ def create_app(
         clock=clock or api.now_utc, silent=silent,
     )
     app.register_blueprint(api.bp)
+    app.register_blueprint(admin.bp)
     api.errors_to_outcome(app)
     origins = list(settings.origins) or (["*"] if settings.dev else [])
     if origins:

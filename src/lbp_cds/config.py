@@ -59,6 +59,12 @@ class Settings:
                   "stored as issued with `silent` marked, never shown (a go-live's silent "
                   "period; see Going live). Adds to the site parameters file's `silent_rules`."},
     )
+    admin_token: str = field(
+        default="",
+        metadata={"doc": "Bearer token of the governance report at `/admin/burden` (counts per "
+                  "rule, no patient data); empty: the page does not exist (404). A secret: "
+                  "never logged."},
+    )
     fhir_connect_timeout_seconds: float = field(
         default=2.0, metadata={"doc": "Connect timeout of each FHIR request."})
     fhir_read_timeout_seconds: float = field(

@@ -11,6 +11,8 @@ Nothing here writes patient data out: the result holds rule ids, counts and shar
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import sys
@@ -244,7 +246,10 @@ def simulate(folder: Path, hook: str = "patient-view", now: datetime | None = No
             settings = Settings.from_env(dev=True, database_url=f"sqlite:///{tmp}/sim.sqlite3",
                                          public_base_url=base)
             app = create_app(settings, clock=lambda: clock)
-            rt: api.Runtime = app.extensions["lbp_cds"]
+            # A simulation measures what every rule would show: rules the site runs silently
+            # (LBP_CDS_SILENT_RULES, the site file's silent_rules) count as live here.
+            rt: api.Runtime = dataclasses.replace(app.extensions["lbp_cds"], silent=frozenset())
+            app.extensions["lbp_cds"] = rt
             services = [s for s in rt.knowledge.services if s.hook == hook]
             if not services:
                 raise SimulateError(f"no service of the knowledge pack serves hook {hook}")
