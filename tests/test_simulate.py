@@ -213,3 +213,10 @@ def test_silent_rules_count_as_live_in_a_simulation(small, capsys, monkeypatch):
     assert main(["simulate", str(small), "--now", NOW, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rules"] == live
     assert {"CES-1", "CC-1"} <= {r["ruleId"] for r in live}
+
+
+def test_html_report_goes_into_a_folder_that_does_not_exist_yet(small, tmp_path, capsys):
+    """The README writes `--html .cache/reports/fixtures.html` from a clean clone."""
+    target = tmp_path / "not" / "yet" / "report.html"
+    assert main(["simulate", str(small), "--now", NOW, "--html", str(target)]) == 0
+    assert target.read_text(encoding="utf-8").lower().startswith("<!doctype html>")

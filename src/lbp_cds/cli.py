@@ -487,6 +487,12 @@ def cmd_feedback_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_report(path: Path, html: str) -> None:
+    """Write an HTML report, making its folder if need be (``--html .cache/reports/x.html``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(html, encoding="utf-8")
+
+
 def cmd_burden(args: argparse.Namespace) -> int:
     """Print the alert burden the store recorded (and write the HTML report)."""
     from lbp_cds.store import store_label
@@ -519,7 +525,11 @@ def cmd_burden(args: argparse.Namespace) -> int:
     if render is not None:
         meta = {"database": database, "rows": len(rows), "since": since,
                 "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        args.html.write_text(render(rows, meta), encoding="utf-8")
+        try:
+            write_report(args.html, render(rows, meta))
+        except OSError as exc:
+            print(f"lbp-cds burden: {args.html}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         print(f"HTML report written to {args.html}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -700,7 +710,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                   "'lbp-cds[report]'", file=sys.stderr)
             return 2
         try:
-            args.html.write_text(simulate_html(summary), encoding="utf-8")
+            write_report(args.html, simulate_html(summary))
         except OSError as exc:
             print(f"lbp-cds simulate: {args.html}: {exc.strerror or exc}", file=sys.stderr)
             return 1
