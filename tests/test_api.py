@@ -534,3 +534,25 @@ def test_in_pregnancy_the_infection_card_offers_mri_without_contrast(real_app):
               for s in c["suggestions"]]
     assert "Order lumbar MRI without and with contrast (urgent)" in labels
     assert not any("pregnant" in label for label in labels)
+
+
+@pytest.mark.parametrize(("birth", "mal_line"), [
+    ("1960", True),  # 65 or 66 on 2026-03-02: over 50 either way
+    ("1975-07", False),  # 50: not over 50
+    (f"{2026 - 51}", None),  # 50 or 51: the age cannot settle it
+])
+def test_a_birth_date_given_only_to_the_year_or_month(real_app, birth, mal_line):
+    """FHIR allows birthDate 1970 or 1970-05 (de-identified records send them; fuzzing found
+    they reached the age arithmetic as strings and failed the call). The patient is any age the
+    date allows: the age answers when all agree, else it is unknown, never a 500."""
+    def bent(sc: Any) -> Any:
+        from dataclasses import replace as dc_replace
+        return dc_replace(sc, patient={**sc.patient, "birthDate": birth})
+
+    service_id, body, now = scenario_body("mal3-age-51-only", bent)
+    resp = call_real(real_app, service_id, body, now)
+    assert resp.status_code == 200, resp.json
+    cc1 = next(c for c in resp.json["cards"]
+               if c["extension"]["org.lbp-cds.rule"]["ruleId"] == "CC-1")
+    has_line = "One weak cancer risk factor" in cc1["detail"]
+    assert has_line is bool(mal_line)  # an age that cannot be settled is not a factor

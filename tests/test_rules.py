@@ -281,3 +281,19 @@ def test_merging_keeps_each_piece_of_evidence_once_in_first_seen_order():
     # Equal evidence from two resources is two pieces of evidence.
     twin = Evidence("a", "v", "2026-03-01", "Observation/other")
     assert _merge([Result(PRESENT, (a, twin))], PRESENT).evidence == (a, twin)
+
+
+def test_ages_of_a_partial_birth_date():
+    from datetime import datetime, timezone
+
+    from datetime import date as d
+
+    from lbp_cds.facts import ages
+
+    now = datetime(2026, 3, 2, tzinfo=timezone.utc)
+    assert ages(d(1970, 3, 3), now) == (55, 55)
+    assert ages("1970", now) == (55, 56)
+    assert ages("1970-03", now) == (55, 56)
+    assert ages("1970-02", now) == (56, 56)
+    assert ages("1970-12", now) == (55, 55)
+    assert ages("1970-13", now) is None and ages("soon", now) is None

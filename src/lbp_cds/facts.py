@@ -15,6 +15,7 @@ is the registry ``rules.py`` compiles rule trees against.
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
@@ -1167,18 +1168,51 @@ def age_years(birth: date, now: datetime) -> int:
     return today.year - birth.year - ((today.month, today.day) < (birth.month, birth.day))
 
 
+def ages(birth: Any, now: datetime) -> tuple[int, int] | None:
+    """(youngest, oldest) completed years for a birth date that may be partial: FHIR allows
+    ``1970`` or ``1970-05`` (de-identified records send them; they stay strings when parsed),
+    so the patient is any age between the last and the first day it allows. None: unreadable."""
+    if isinstance(birth, date):
+        years = age_years(birth, now)
+        return years, years
+    match = _PARTIAL_DATE.fullmatch(str(birth or ""))
+    if match is None:
+        return None
+    year, month = int(match.group(1)), match.group(2)
+    if month is None:
+        first, last = date(year, 1, 1), date(year, 12, 31)
+    elif 1 <= int(month) <= 12:
+        first = date(year, int(month), 1)
+        last = (date(year + (int(month) == 12), int(month) % 12 + 1, 1) - timedelta(days=1))
+    else:
+        return None
+    return age_years(last, now), age_years(first, now)
+
+
+_PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2}))?")
+
+
 def age(ctx: Context, a: dict[str, Any]) -> Result:
-    """The patient's age in completed years meets the comparison."""
+    """The patient's age in completed years meets the comparison (a birth date given only to
+    the year or month answers when every age it allows agrees, else unknown)."""
     patient = ctx.record.patient
     birth = getattr(patient, "birthDate", None) if patient is not None else None
     if birth is None:
         if not ctx.record.available("Patient"):
             return unavailable(ctx, "Patient", "age")
         return Result.not_known("age: no birth date")
-    years = age_years(birth, ctx.now)
-    ev = Evidence("Age", f"{years} years", "", ref(patient))
-    ok = OPS[a["op"]](years, float(a["value"]))
-    return Result.present([ev], value=years) if ok else Result.absent([ev])
+    span = ages(birth, ctx.now)
+    if span is None:
+        return Result.not_known("age: the birth date could not be read")
+    young, old = span
+    shown = f"{young} years" if young == old else f"{young} or {old} years (born {birth})"
+    ev = Evidence("Age", shown, "", ref(patient))
+    held = {OPS[a["op"]](years, float(a["value"])) for years in span}
+    if held == {True}:
+        return Result.present([ev], value=young)
+    if held == {False}:
+        return Result.absent([ev])
+    return Result.not_known(f"age: born {birth}, {young} or {old} years")
 
 
 def clinical_sex(patient: Any) -> str | None:
@@ -1201,8 +1235,8 @@ def sex_and_age(record: PatientRecord, now: datetime) -> tuple[str | None, int |
         return None, None
     value = clinical_sex(patient)
     birth = getattr(patient, "birthDate", None)
-    return (value if value in ("female", "male") else None,
-            age_years(birth, now) if birth is not None else None)
+    span = ages(birth, now) if birth is not None else None
+    return (value if value in ("female", "male") else None, span[0] if span else None)
 
 
 def sex(ctx: Context, a: dict[str, Any]) -> Result:
