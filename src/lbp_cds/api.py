@@ -233,7 +233,7 @@ def call_service(service_id: str) -> Response:
         observability.PRECONDITION_FAILED.labels(service_id).inc()
         raise
     _observe_fetch(record)
-    answer = respond_all(rt, service, req, record, rt.clock())
+    answer = respond(rt, service, req, record, rt.clock())
     issued, actions, silent = answer.shown, answer.actions, answer.silent
     try:
         rt.store.record_issued(service.id, req.hook_instance, issued,
@@ -266,7 +266,7 @@ def judged_orders(req: hooks.HookRequest, record: PatientRecord) -> list[Any]:
 def evaluate(rt: Runtime, service: Service, req: hooks.HookRequest, record: PatientRecord,
              now: datetime) -> list[cards.IssuedCard]:
     """Evaluate the service's rules and render the cards (shared by the API and the CLI)."""
-    return respond(rt, service, req, record, now)[0]
+    return respond(rt, service, req, record, now).shown
 
 
 @dataclass(frozen=True)
@@ -280,15 +280,9 @@ class Answer:
 
 
 def respond(rt: Runtime, service: Service, req: hooks.HookRequest, record: PatientRecord,
-            now: datetime) -> tuple[list[cards.IssuedCard], list[dict[str, Any]]]:
-    """The cards, and the system actions that rate the judged imaging orders (``pama.py``)."""
-    answer = respond_all(rt, service, req, record, now)
-    return answer.shown, answer.actions
-
-
-def respond_all(rt: Runtime, service: Service, req: hooks.HookRequest, record: PatientRecord,
-                now: datetime) -> Answer:
-    """The cards shown, the system actions, and the cards of the rules run silently.
+            now: datetime) -> Answer:
+    """The cards shown, the system actions that rate the judged imaging orders (``pama.py``),
+    and the cards of the rules run silently.
 
     Silent matches are rendered on their own, and the shown cards and the order ratings are
     made as if they were absent (a silent rule must change nothing a clinician sees).

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import requests
 from flask import Flask
@@ -115,3 +118,23 @@ def create_app(
                              "X-Requested-With", "X-Request-Id"],
              max_age=600)
     return app
+
+
+@contextlib.contextmanager
+def offline_app(clock: Callable[[], datetime], **overrides: Any) -> Iterator[Flask]:
+    """The service's application for in-process evaluation (``lbp-cds evaluate``,
+    ``lbp-cds simulate``): the environment's settings and pack, no client authentication, and a
+    throw-away SQLite store, disposed of on the way out.
+
+    Args:
+        clock: the clock the hook calls use.
+        overrides: settings that differ from the environment's (``public_base_url``...).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings.from_env(dev=True, database_url=f"sqlite:///{tmp}/offline.sqlite3",
+                                     **overrides)
+        app = create_app(settings, clock=clock)
+        try:
+            yield app
+        finally:
+            app.extensions["lbp_cds"].store.engine.dispose()

@@ -235,18 +235,17 @@ def _evidence_lines(evidence: tuple[Evidence, ...]) -> list[str]:
     lines: list[str] = []
     done: set[str] = set()
     for e in evidence:
-        if e.what.startswith("Onset of ") and e.reference in done:
-            continue
-        if e.reference and e.reference in onset and not e.what.startswith("Onset of "):
+        if e.what.startswith("Onset of "):
+            if e.reference in done:
+                continue
+            what = _evidence_text(Evidence(e.what.removeprefix("Onset of "), "", "", e.reference))
+            lines.append(f"{what}, since {e.value}" if e.value else _evidence_text(e))
+        elif e.reference and e.reference in onset:
             what = _evidence_text(Evidence(e.what, e.value, "", e.reference))
             lines.append(f"{what}, since {onset[e.reference]}")
             done.add(e.reference)
-            continue
-        if e.what.startswith("Onset of "):
-            lines.append(f"{_evidence_text(e)[len('Onset of '):]}".replace(
-                f" {e.value}", f", since {e.value}", 1) if e.value else _evidence_text(e))
-            continue
-        lines.append(_evidence_text(e))
+        else:
+            lines.append(_evidence_text(e))
     # "; " separates lines on the card: a display holding one (CPT's) reads as a comma
     return list(dict.fromkeys(line.replace("; ", ", ") for line in lines))
 
@@ -310,17 +309,12 @@ def _phrase(u: Unknown, pos: int, m: RuleMatch, k: Knowledge, cc: CardContext
     return Phrase(_fallback(u, k)), 2000 + pos
 
 
-_TRAILING = re.compile(r"\(([^()]*)\)\s*$")
-
-
 def _fallback(u: Unknown, k: Knowledge) -> str:
     """Words for an unknown the style file does not name: its value set's title, else the
     reason's label."""
     vs = k.valuesets.get(u.topic)
-    if vs is not None:
-        title = vs.get("title") if isinstance(vs, dict) else getattr(vs, "title", "")
-        if title:
-            return str(title).lower() if str(title)[1:2].islower() else str(title)
+    if vs is not None and vs.title:
+        return vs.title.lower() if vs.title[1:2].islower() else vs.title
     return u.reason.split(":", 1)[0]
 
 

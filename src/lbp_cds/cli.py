@@ -278,8 +278,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from lbp_cds import api, create_app, hooks
-    from lbp_cds.config import Settings
+    from lbp_cds import api, hooks
+    from lbp_cds.app import offline_app
     from lbp_cds.errors import RequestError
     from lbp_cds.fhir_data import load_record
 
@@ -289,9 +289,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not args.hook:
             raise RequestError("a Bundle needs --hook")
         doc = request_from_bundle(doc, args.hook)
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings.from_env(dev=True, database_url=f"sqlite:///{tmp}/evaluate.sqlite3")
-        app = create_app(settings, clock=lambda: now)
+    with offline_app(lambda: now) as app:
         rt: api.Runtime = app.extensions["lbp_cds"]
         req = hooks.parse_request(doc)
         candidates = [s for s in rt.knowledge.services if s.hook == req.hook
@@ -303,7 +301,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         with app.app_context():
             issued = api.evaluate(rt, service, req, record, now)
         response = {"cards": [c.card for c in issued]}
-        rt.store.engine.dispose()
     if args.json:
         print(json.dumps(response, indent=2))
     else:

@@ -14,6 +14,7 @@ is the registry ``rules.py`` compiles rule trees against.
 
 from __future__ import annotations
 
+import calendar
 import operator
 import re
 from collections.abc import Callable, Iterable
@@ -78,7 +79,7 @@ class Unknown:
     """Why a fact could not be answered, and what would settle it.
 
     ``topic`` is the intake item, value set id or resource type that would settle it (the pack's
-    ``not-checked.yaml`` says it in clinical words); ``rule`` the innermost rule it came through,
+    ``card-style.yaml`` says it in clinical words); ``rule`` the innermost rule it came through,
     so a card can say "cauda equina symptoms not asked" instead of four intake items.
     """
 
@@ -1183,7 +1184,7 @@ def ages(birth: Any, now: datetime) -> tuple[int, int] | None:
         first, last = date(year, 1, 1), date(year, 12, 31)
     elif 1 <= int(month) <= 12:
         first = date(year, int(month), 1)
-        last = (date(year + (int(month) == 12), int(month) % 12 + 1, 1) - timedelta(days=1))
+        last = first.replace(day=calendar.monthrange(year, int(month))[1])
     else:
         return None
     return age_years(last, now), age_years(first, now)

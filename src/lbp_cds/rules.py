@@ -457,9 +457,7 @@ class RuleEngine:
             if node.evaluate(ctx, self).status == PRESENT:
                 indicator = escalated
                 break
-        noted = [(n, node.evaluate(ctx, self)) for n, node in rule.notes]
-        notes = tuple(n for n, r in noted if r.status == PRESENT)
-        note_evidence = {n: r.evidence for n, r in noted if r.status == PRESENT and r.evidence}
+        notes, note_evidence = self._notes(rule, ctx)
         evidence = result.evidence
         if ctx.order is not None and rule.order_filter is not None:
             judged = rule.order_filter.evaluate(ctx, self).evidence
@@ -468,7 +466,6 @@ class RuleEngine:
                          ctx.order, rule.position,
                          {"value": result.value} if result.value is not None else {},
                          silent_beside=rule.spec.silent_beside, note_evidence=note_evidence)
-
 
     def _ask(self, rule: CompiledRule, ctx: Context, result: Result) -> RuleMatch | None:
         """The rule's ask state: its known part holds and the unknowns standing between it and
@@ -485,10 +482,17 @@ class RuleEngine:
         # The questions first (most decisive), then whatever else was unknown.
         unknowns = asked + tuple(u for u in result.unknown if u.topic not in about)
         items = tuple(q for q in result.ask if q in about)
-        notes = tuple(n for n, node in rule.notes if node.evaluate(ctx, self).status == PRESENT)
+        notes, note_evidence = self._notes(rule, ctx)
         return RuleMatch(rule.spec, spec.indicator, known.evidence, unknowns, items, notes,
                          ctx.order, rule.position, state="ask",
-                         silent_beside=spec.silent_beside)
+                         silent_beside=spec.silent_beside, note_evidence=note_evidence)
+
+    def _notes(self, rule: CompiledRule, ctx: Context
+               ) -> tuple[tuple[str, ...], dict[str, tuple[Evidence, ...]]]:
+        """The rule's notes that hold, and the evidence of each (a note may name it)."""
+        held = [(n, r) for n, node in rule.notes
+                if (r := node.evaluate(ctx, self)).status == PRESENT]
+        return tuple(n for n, _ in held), {n: r.evidence for n, r in held if r.evidence}
 
 
 def _default_label(fact: str, args: dict[str, Any]) -> str:

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -223,7 +222,8 @@ def simulate(folder: Path, hook: str = "patient-view", now: datetime | None = No
     Raises:
         SimulateError: the folder or one of its files cannot be read.
     """
-    from lbp_cds import api, create_app, hooks
+    from lbp_cds import api, hooks
+    from lbp_cds.app import offline_app
     from lbp_cds.cli import request_from_bundle
     from lbp_cds.config import Settings
     from lbp_cds.errors import CdsError
@@ -235,17 +235,14 @@ def simulate(folder: Path, hook: str = "patient-view", now: datetime | None = No
     level = package_log.level
     package_log.setLevel(logging.ERROR)  # no dev-mode banner, no per-record lenient-read notes
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            # The app the service builds (same settings, pack and parameters); its store is a
-            # throw-away file that nothing is written to.
-            # Cards carry links to this service (the intake questionnaire of an ask card): the
-            # service builds them from its public URL, or the URL a call arrived at; here there
-            # is no call, so the URL `lbp-cds serve` answers at stands in for it.
-            env = Settings.from_env()
-            base = env.public_base_url or f"http://{env.host}:{env.port}"
-            settings = Settings.from_env(dev=True, database_url=f"sqlite:///{tmp}/sim.sqlite3",
-                                         public_base_url=base)
-            app = create_app(settings, clock=lambda: clock)
+        # The app the service builds (same settings, pack and parameters); its store is a
+        # throw-away file that nothing is written to.
+        # Cards carry links to this service (the intake questionnaire of an ask card): the
+        # service builds them from its public URL, or the URL a call arrived at; here there
+        # is no call, so the URL `lbp-cds serve` answers at stands in for it.
+        env = Settings.from_env()
+        base = env.public_base_url or f"http://{env.host}:{env.port}"
+        with offline_app(lambda: clock, public_base_url=base) as app:
             # A simulation measures what every rule would show: rules the site runs silently
             # (LBP_CDS_SILENT_RULES, the site file's silent_rules) count as live here.
             rt: api.Runtime = dataclasses.replace(app.extensions["lbp_cds"], silent=frozenset())
@@ -271,7 +268,6 @@ def simulate(folder: Path, hook: str = "patient-view", now: datetime | None = No
                             sim.failed.append((source, exc.message))
                     if progress:
                         progress(done, len(items))
-            rt.store.engine.dispose()
     finally:
         package_log.setLevel(level)
     return sim
