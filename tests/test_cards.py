@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from typing import Any
 
 import pytest
@@ -86,8 +88,10 @@ def test_unknowns_are_listed_and_link_to_the_intake(engine):
     (card,) = render(engine, [condition("M54.41")], base_url="https://cds.example.org")
     assert "**Not checked:**" in card["detail"] and "saddle numbness" in card["detail"]
     assert any("saddle numbness" in u for u in card["extension"]["org.lbp-cds.rule"]["notChecked"])
-    intake = [link for link in card["links"] if "intake" in link["url"]]
-    assert intake and intake[0]["url"] == "https://cds.example.org/questionnaires/lbp-intake"
+    intake = [link for link in card["links"] if link["type"] == "smart"]
+    assert [link["url"] for link in intake] == ["https://cds.example.org/smart/launch"]
+    assert json.loads(intake[0]["appContext"]) == {"rule": card["extension"][
+        "org.lbp-cds.rule"]["ruleId"], "patient": "p1"}
 
 
 @pytest.mark.req("94")

@@ -248,7 +248,7 @@ def test_revision_0004_marks_earlier_cards_shown_and_takes_an_older_replicas_row
                            "(:u, 'svc', 'LV-1', 'warning', 'h', '', :t, NULL)")
         with store.engine.begin() as conn:
             conn.execute(insert_0003, {"u": before.card["uuid"], "t": T0})
-        assert store.migrate() == head() == "0004"
+        assert store.migrate() == head() == SCHEMA_REVISION
         assert differences(store) == []
         with store.engine.begin() as conn:  # the older release's INSERT, unchanged
             conn.execute(insert_0003, {"u": during.card["uuid"], "t": T0})

@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 from lbp_cds import cards, facts, hooks, observability, pama
-from lbp_cds.auth import JwtVerifier
+from lbp_cds.auth import JwtVerifier, TrustedClient
 from lbp_cds.config import Settings
 from lbp_cds.egress import EgressRule
 from lbp_cds.errors import (
@@ -62,6 +62,8 @@ class Runtime:
     clock: Callable[[], datetime]
     # Rules run silently (LBP_CDS_SILENT_RULES and the site file's silent_rules, checked).
     silent: frozenset[str] = frozenset()
+    # The trusted clients (empty in dev mode): the intake app's `iss` allowlist is theirs.
+    clients: tuple[TrustedClient, ...] = ()
 
 
 def runtime() -> Runtime:

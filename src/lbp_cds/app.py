@@ -15,8 +15,8 @@ import requests
 from flask import Flask
 from flask_cors import CORS
 
-from lbp_cds import admin, api, egress, knowledge, observability, pama
-from lbp_cds.auth import JwtVerifier, load_clients
+from lbp_cds import admin, api, egress, knowledge, observability, pama, smart
+from lbp_cds.auth import JwtVerifier, TrustedClient, load_clients
 from lbp_cds.cards import KNOWLEDGE_DIGEST_SHOWN
 from lbp_cds.config import Settings
 from lbp_cds.errors import ConfigError
@@ -67,6 +67,7 @@ def create_app(
     store.migrate()
     http = session or requests.Session()  # JWKS URLs (from the clients file, not requests)
     verifier = None
+    clients: list[TrustedClient] = []
     if settings.dev:
         log.warning("DEV MODE: client authentication is OFF; never expose this instance")
     else:
@@ -105,10 +106,11 @@ def create_app(
     app.extensions["lbp_cds"] = api.Runtime(
         settings=settings, knowledge=pack, engine=engine, store=store, verifier=verifier,
         fetcher=FhirFetcher(session, policy, resolver=resolver), policy=policy,
-        clock=clock or api.now_utc, silent=silent,
+        clock=clock or api.now_utc, silent=silent, clients=tuple(clients),
     )
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(smart.bp)
     api.errors_to_outcome(app)
     origins = list(settings.origins) or (["*"] if settings.dev else [])
     if origins:

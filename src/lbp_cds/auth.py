@@ -93,8 +93,10 @@ MAX_JWKS_BYTES = 262_144
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _LOOPBACK_HOSTS = frozenset({"localhost"})
 _CLIENT_FIELDS = frozenset(
-    {"iss", "jwks", "jwks_file", "jwks_url", "jku", "tenant", "fhir_servers", "allow_private"}
+    {"iss", "jwks", "jwks_file", "jwks_url", "jku", "tenant", "fhir_servers", "allow_private",
+     "smart"}
 )
+_SMART_FIELDS = frozenset({"client_id", "iss"})
 
 # The categories a refused caller is told (the exact reason goes to the log only).
 NO_TOKEN = "no bearer token, or not a compact JWS"
@@ -128,6 +130,10 @@ class TrustedClient:
             empty: the client may not make the service fetch anything.
         allow_private: the client's FHIR servers may be on loopback or private addresses
             (tests, on-premises EHRs); link-local, multicast and reserved never are.
+        smart_client_id: the intake app's SMART ``client_id`` at this EHR (its registration);
+            None: the EHR does not launch the app.
+        smart_iss: the FHIR base URLs this EHR launches the intake app with (``iss``, compared
+            without a trailing slash): the app's allowlist.
     """
 
     iss: str
@@ -138,6 +144,8 @@ class TrustedClient:
     jku: frozenset[str] = frozenset()
     fhir_servers: tuple[str, ...] = ()
     allow_private: bool = False
+    smart_client_id: str | None = None
+    smart_iss: tuple[str, ...] = ()
 
     @property
     def allowed_jku(self) -> frozenset[str]:
@@ -317,6 +325,8 @@ def _client_from_entry(entry: object, index: int, path: Path) -> TrustedClient:
     if not isinstance(allow_private, bool):
         raise ConfigError(f"{where}: 'allow_private' must be true or false")
 
+    smart_client_id, smart_iss = _smart_entry(entry.get("smart"), where)
+
     tenant = entry.get("tenant")
     tenants: frozenset[str] | None
     if tenant is None:
@@ -332,7 +342,29 @@ def _client_from_entry(entry: object, index: int, path: Path) -> TrustedClient:
     return TrustedClient(
         iss=iss, jwks=jwks, jwks_file=jwks_file, jwks_url=jwks_url, tenants=tenants,
         jku=frozenset(jku), fhir_servers=tuple(fhir_servers), allow_private=allow_private,
+        smart_client_id=smart_client_id, smart_iss=smart_iss,
     )
+
+
+def _smart_entry(value: object, where: str) -> tuple[str | None, tuple[str, ...]]:
+    """A client's ``smart: {client_id: ..., iss: URL or [URLs]}`` (the intake app)."""
+    if value is None:
+        return None, ()
+    if not isinstance(value, dict) or set(value) - _SMART_FIELDS or not value.get("client_id"):
+        raise ConfigError(f"{where}: 'smart' must be a mapping with 'client_id' (the intake "
+                          "app's SMART client id at this EHR) and 'iss' (the FHIR base URL(s) "
+                          "it launches the app with)")
+    client_id = value["client_id"]
+    if not isinstance(client_id, str):
+        raise ConfigError(f"{where}: smart.client_id must be a string")
+    issuers = _strings(value.get("iss"), "smart.iss", where)
+    if not issuers:
+        raise ConfigError(f"{where}: smart.iss must name the FHIR base URL(s) the EHR launches "
+                          "the intake app with")
+    for url in issuers:
+        if not url.startswith(("https://", "http://")):
+            raise ConfigError(f"{where}: smart.iss {url!r} is not an http(s) URL")
+    return client_id, tuple(u.rstrip("/") for u in issuers)
 
 
 def _strings(value: object, name: str, where: str) -> list[str]:

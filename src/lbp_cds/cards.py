@@ -8,6 +8,7 @@ No field is ever null or empty (CDS Hooks §"Use of JSON").
 from __future__ import annotations
 
 import copy
+import json
 import re
 import uuid
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from lbp_cds.facts import UNAVAILABLE, UNREADABLE, Evidence, Unknown
+from lbp_cds.facts import NOT_ASKED, UNAVAILABLE, UNREADABLE, Evidence, Unknown
 from lbp_cds.knowledge import Knowledge, Orderable, Phrase, ask_card
 from lbp_cds.rules import RuleMatch
 
@@ -42,6 +43,9 @@ class CardContext:
     draft_raw: Callable[[str], dict[str, Any] | None] = lambda _id: None
     drafts: tuple[dict[str, Any], ...] = ()  # every draft order of the call, as received
     asking: frozenset[str] = frozenset()  # rules in their ask state in this answer
+
+#: The intake app link's label: what the click does, in a few words.
+INTAKE_LINK_LABEL = "Answer the missing red-flag questions"
 
 
 @dataclass(frozen=True)
@@ -447,10 +451,15 @@ def _links(m: RuleMatch, spec: dict[str, Any], k: Knowledge, cc: CardContext
                 links.append({"label": citation.label, "url": citation.url, "type": "absolute"})
         else:
             links.append({"label": link["label"], "url": link["url"], "type": "absolute"})
-    if m.ask and cc.base_url:
+    if cc.base_url and (m.ask or any(u.kind == NOT_ASKED for u in m.unknowns)):
+        # What nobody asked, the intake app asks (CDS Hooks 2.0 Link type "smart": the EHR adds
+        # `iss` and `launch`, and hands `appContext` to the app in its token answer). The rule
+        # opens its own questions first; the patient lets the app refuse a launch for another.
         links.append({
-            "label": "Open the red-flag intake questionnaire",
-            "url": f"{cc.base_url.rstrip('/')}/questionnaires/lbp-intake",
-            "type": "absolute",
+            "label": INTAKE_LINK_LABEL,
+            "url": f"{cc.base_url.rstrip('/')}/smart/launch",
+            "type": "smart",
+            "appContext": json.dumps({"rule": m.rule.id, "patient": cc.patient_id},
+                                     separators=(",", ":")),
         })
     return links

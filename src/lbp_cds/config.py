@@ -65,6 +65,27 @@ class Settings:
                   "rule, no patient data); empty: the page does not exist (404). A secret: "
                   "never logged."},
     )
+    smart_client_id: str = field(
+        default="lbp-cds-intake",
+        metadata={"doc": "The intake app's SMART client id in dev mode (a loopback `iss`); "
+                  "outside dev each EHR's id is `smart.client_id` in the clients file."},
+    )
+    smart_session_minutes: int = field(
+        default=60,
+        metadata={"doc": "How long an intake app session (and its unsaved answers) lives "
+                  "without use; the EHR's token may end it sooner."},
+    )
+    smart_frame_ancestors: str = field(
+        default="",
+        metadata={"doc": "Space-separated origins allowed to show the intake app in a frame "
+                  "(CSP `frame-ancestors`); empty: none. A framed app also needs "
+                  "LBP_CDS_SMART_COOKIE_SAMESITE=None."},
+    )
+    smart_cookie_samesite: str = field(
+        default="Lax",
+        metadata={"doc": "SameSite of the intake app's session cookie: `Lax` (a new window or "
+                  "tab) or `None` (the EHR frames the app from another site; https only)."},
+    )
     fhir_connect_timeout_seconds: float = field(
         default=2.0, metadata={"doc": "Connect timeout of each FHIR request."})
     fhir_read_timeout_seconds: float = field(
@@ -149,7 +170,7 @@ class Settings:
                     "fhir_deadline_seconds", "fhir_max_pages", "fhir_max_resources",
                     "fhir_max_response_bytes", "fhir_parallelism", "fhir_page_size",
                     "max_body_bytes",
-                    "max_json_depth", "workers", "threads", "port")
+                    "max_json_depth", "workers", "threads", "port", "smart_session_minutes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive")
@@ -169,6 +190,15 @@ class Settings:
         if "*" in silent and len(silent) > 1:
             raise ConfigError(f"{PREFIX}SILENT_RULES is `*` (every rule) or a list of rule ids, "
                               "not both")
+        if self.smart_cookie_samesite not in ("Lax", "Strict", "None"):
+            raise ConfigError(f"{PREFIX}SMART_COOKIE_SAMESITE must be Lax, Strict or None")
+        if self.smart_cookie_samesite == "None" and self.dev:
+            raise ConfigError(f"{PREFIX}SMART_COOKIE_SAMESITE=None needs a Secure cookie, and "
+                              "dev mode serves plain http: use Lax in dev mode")
+        if any(o in ("*", "'unsafe-inline'") or ";" in o
+               for o in self.smart_frame_ancestors.split()):
+            raise ConfigError(f"{PREFIX}SMART_FRAME_ANCESTORS lists origins (https://ehr."
+                              "example.org), not `*` or directives")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
 

@@ -28,6 +28,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -53,7 +54,7 @@ metadata = MetaData()
 MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest revision in migrations/versions (tests/test_migrations.py checks they agree). A
 # process that finds the database at it needs no Alembic: 0.2 s and 10 MB per gunicorn worker.
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 
 issued_cards = Table(
     "issued_cards", metadata,
@@ -91,6 +92,16 @@ jwt_replay = Table(
     Column("expires_at", Float, nullable=False, index=True),
 )
 
+# The SMART intake app's sessions (revision 0005): ``payload`` is encrypted with a key only the
+# browser's cookie gives (``smart.SessionBox``); ``secret_hash`` checks the cookie.
+smart_sessions = Table(
+    "smart_sessions", metadata,
+    Column("sid", String(32), primary_key=True),
+    Column("secret_hash", String(64), nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("expires_at", Float, nullable=False, index=True),
+)
+
 
 @dataclass(frozen=True)
 class StoredCard:
@@ -120,6 +131,7 @@ class Store:
                 kwargs["poolclass"] = StaticPool
         self.engine: Engine = create_engine(url, **kwargs)
         self._last_purge = 0.0
+        self._last_session_purge = 0.0
 
     def migrate(self) -> str:
         """Create the schema, or bring it to the newest revision (safe from several processes).
@@ -407,6 +419,7 @@ class Store:
             "issued_cards": issued_cards.c.issued_at < before,
             "feedback": feedback.c.received_at < before,
             "jwt_replay": jwt_replay.c.expires_at < time.time(),
+            "smart_sessions": smart_sessions.c.expires_at < time.time(),
         }
         counts: dict[str, int] = {}
         with self.engine.begin() as conn:
@@ -424,6 +437,37 @@ class Store:
         tbl = metadata.tables[table]
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(tbl)).scalar_one())
+
+    # -- SMART intake sessions ------------------------------------------------------------------
+    def session_put(self, sid: str, secret_hash: str, payload: bytes, expires_at: float) -> None:
+        """Create or replace a SMART session row (expired rows go on the way, at most once a
+        minute)."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            if now - self._last_session_purge > 60:
+                self._last_session_purge = now
+                conn.execute(delete(smart_sessions).where(smart_sessions.c.expires_at < now))
+            updated = conn.execute(
+                smart_sessions.update().where(
+                    (smart_sessions.c.sid == sid) & (smart_sessions.c.secret_hash == secret_hash))
+                .values(payload=payload, expires_at=expires_at))
+            if not updated.rowcount:
+                conn.execute(insert(smart_sessions), [{
+                    "sid": sid, "secret_hash": secret_hash, "payload": payload,
+                    "expires_at": expires_at}])
+
+    def session_get(self, sid: str) -> tuple[str, bytes] | None:
+        """(secret_hash, payload) of a live SMART session, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(smart_sessions.c.secret_hash, smart_sessions.c.payload)
+                               .where((smart_sessions.c.sid == sid)
+                                      & (smart_sessions.c.expires_at >= time.time()))).first()
+        return (str(row[0]), bytes(row[1])) if row else None
+
+    def session_delete(self, sid: str) -> None:
+        """Forget a SMART session."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(smart_sessions).where(smart_sessions.c.sid == sid))
 
     # -- JWT replay cache -----------------------------------------------------------------------
     def claim(self, key: str, expires_at: float) -> bool:
