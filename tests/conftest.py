@@ -17,7 +17,7 @@ from lbp_cds import create_app
 from lbp_cds.config import Settings
 
 pytest_plugins = ["tests.fhir_server", "tests.service_server", "tests.medplum_server",
-                  "tests.browser"]
+                  "tests.browser", "tests.smart_ehr"]
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "tests" / "knowledge_mini"
