@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.fhir_server import FHIR_JSON, FhirServer
-from tests.smart_ehr import SmartEhr, parse_resource_scope, s256
+from lbp_cds.devehr import SmartEhr, parse_resource_scope, s256
 
 pytestmark = pytest.mark.fhir_server
 

@@ -111,6 +111,10 @@ def create_app(
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(smart.bp)
+    if settings.dev:
+        from lbp_cds import smart_dev
+
+        app.register_blueprint(smart_dev.bp)  # the dev launcher: never outside dev mode
     api.errors_to_outcome(app)
     origins = list(settings.origins) or (["*"] if settings.dev else [])
     if origins:

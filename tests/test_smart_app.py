@@ -1,0 +1,299 @@
+"""The SMART intake app end to end, with real parts only.
+
+* **The service**: ``lbp-cds serve`` (gunicorn) with the shipped knowledge pack, *not* in dev
+  mode: signed JWTs on hook calls, a clients file whose client lists the EHR's FHIR base as its
+  SMART ``iss`` (the app's allowlist), Secure session cookies.
+* **The EHR**: ``lbp_cds.devehr.SmartEhr``: authlib's authorization server (authorization code,
+  PKCE S256 required) and a FHIR gateway that checks the tokens it issued (expiry, scopes,
+  patient compartment) in front of the suite's sekmet-fhir server.
+* **The browser**: Debian's headless Chromium driven by Playwright (``tests/browser.py``).
+
+The EHR's part in each test is what an EHR does: it calls patient-view, takes the card's link of
+type ``smart``, creates a launch context carrying the link's ``appContext``, and opens
+``url?iss=...&launch=...`` in a browser. Each page state is saved as a screenshot in
+``.cache/screenshots/smart/`` (CI's artefacts).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+import requests
+
+from lbp_cds.devehr import SmartEhr
+from tests.fhir_server import FhirServer
+from tests.service_server import CdsClientKeys, ServiceServer, start_service, stop_process_group
+
+pytestmark = [pytest.mark.fhir_server, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / ".cache" / "screenshots" / "smart"
+CLIENT_ID = "lbp-cds-intake-test"
+TIMINGS: dict[str, float] = {}
+
+
+# -------------------------------------------------------------------------------- the parts
+@pytest.fixture(scope="module")
+def ehr(fhir_server: FhirServer) -> Iterator[SmartEhr]:
+    with SmartEhr(fhir_server) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory, ehr: SmartEhr) -> CdsClientKeys:
+    return CdsClientKeys(tmp_path_factory.mktemp("keys"), client_fields={
+        "fhir_servers": [ehr.iss], "allow_private": True,
+        "smart": {"client_id": CLIENT_ID, "iss": ehr.iss}})
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, keys: CdsClientKeys, ehr: SmartEhr
+            ) -> Iterator[ServiceServer]:
+    server = start_service(tmp_path_factory.mktemp("service"), env={
+        "LBP_CDS_KNOWLEDGE_DIR": str(ROOT / "cds_services"),
+        "LBP_CDS_PUBLIC_BASE_URL": "{base_url}",
+        "LBP_CDS_FHIR_DEADLINE_SECONDS": "8", "LBP_CDS_FHIR_READ_TIMEOUT_SECONDS": "6"},
+        args=["--clients", str(keys.clients_file), "--threads", "8"])
+    ehr.register_client(CLIENT_ID, [server.url("/smart/callback")])
+    try:
+        yield server
+    finally:
+        server.stop()
+        stop_process_group(server.process)
+
+
+def new_patient(fhir: FhirServer, *, gender: str = "male", age: int = 45) -> str:
+    """A patient with a new right sciatica 10 days ago and nothing else: CC-1 with cauda equina
+    symptoms "not asked"."""
+    pid = f"smart-{uuid.uuid4().hex[:12]}"
+    born = datetime.now(timezone.utc).date().replace(year=datetime.now().year - age, day=1)
+    onset = (datetime.now(timezone.utc) - timedelta(days=10)).date().isoformat()
+    fhir.put({"resourceType": "Patient", "id": pid, "gender": gender,
+              "birthDate": born.isoformat(),
+              "name": [{"family": "Intake", "given": ["Test"]}]})
+    fhir.put({"resourceType": "Condition", "id": f"{pid}-sciatica",
+              "subject": {"reference": f"Patient/{pid}"},
+              "clinicalStatus": {"coding": [{
+                  "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                  "code": "active"}]},
+              "verificationStatus": {"coding": [{
+                  "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                  "code": "confirmed"}]},
+              "category": [{"coding": [{
+                  "system": "http://terminology.hl7.org/CodeSystem/condition-category",
+                  "code": "encounter-diagnosis"}]}],
+              "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm",
+                                   "code": "M54.41",
+                                   "display": "Lumbago with sciatica, right side"}]},
+              "onsetDateTime": onset, "recordedDate": onset})
+    return pid
+
+
+def patient_view(service: ServiceServer, keys: CdsClientKeys, ehr: SmartEhr, pid: str
+                 ) -> list[dict[str, Any]]:
+    """The EHR's patient-view call: the service fetches through the gateway with a token."""
+    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "fhirServer": ehr.iss,
+            "fhirAuthorization": {"access_token": ehr.system_token, "token_type": "Bearer",
+                                  "expires_in": 300, "scope": "patient/*.rs",
+                                  "subject": "lbp-cds"},
+            "context": {"userId": "Practitioner/smart-ehr-clinician", "patientId": pid}}
+    url = service.url("/cds-services/lbp-triage")
+    resp = service.post("/cds-services/lbp-triage", json=body, headers={
+        "Authorization": f"Bearer {keys.token(url)}"})
+    assert resp.status_code == 200, resp.text
+    return list(resp.json()["cards"])
+
+
+def rule_of(card: dict[str, Any]) -> str:
+    return str(card["extension"]["org.lbp-cds.rule"]["ruleId"])
+
+
+def smart_link(cards: list[dict[str, Any]], rule: str) -> dict[str, Any]:
+    (card,) = [c for c in cards if rule_of(c) == rule]
+    (link,) = [link for link in card.get("links", []) if link["type"] == "smart"]
+    return link
+
+
+def launch_url(ehr: SmartEhr, link: dict[str, Any], pid: str) -> str:
+    """What the EHR opens when the clinician clicks the link (CDS Hooks 2.0 + SMART)."""
+    launch = ehr.new_launch(pid, app_context=link.get("appContext"))
+    return f"{link['url']}?{urlencode({'iss': ehr.iss, 'launch': launch})}"
+
+
+def shot(page: Any, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def stored_responses(fhir: FhirServer, pid: str) -> list[dict[str, Any]]:
+    """The intake responses the FHIR store holds for the patient (read straight from sekmet)."""
+    found = fhir.search_all("QuestionnaireResponse", {"_count": "200"})
+    return [r for r in found if (r.get("subject") or {}).get("reference") == f"Patient/{pid}"]
+
+
+# ---------------------------------------------------------------------------------- the loop
+def test_card_to_saved_answer_to_changed_card(service, keys, ehr, fhir_server, browser_page):
+    """patient-view → CC-1 with a smart link → launch → form (the card's questions first) →
+    "saddle numbness: yes" → QuestionnaireResponse on the FHIR server → patient-view → CES-1."""
+    pid = new_patient(fhir_server)
+    cards = patient_view(service, keys, ehr, pid)
+    assert [rule_of(c) for c in cards] == ["CC-1"]
+    link = smart_link(cards, "CC-1")
+    assert link["url"] == service.url("/smart/launch")
+    assert json.loads(link["appContext"]) == {"rule": "CC-1", "patient": pid}
+
+    page = browser_page
+    started = time.monotonic()
+    response = page.goto(launch_url(ehr, link, pid))
+    assert response is not None and response.status == 200
+    assert re.search(r"/smart/s/[A-Za-z0-9_-]{16}/intake$", page.url)
+    shot(page, "01-form-opened-from-cc1")
+    # The authorization request the EHR received: PKCE S256, state, aud, v2 scopes, launch.
+    asked = ehr.authorize_log[-1]
+    assert asked["code_challenge_method"] == "S256" and asked["aud"] == ehr.iss
+    assert asked["launch"] and asked["state"] and asked["client_id"] == CLIENT_ID
+    assert "patient/QuestionnaireResponse.cu" in asked["scope"].split()
+    assert ehr.token_log[-1]["code_verifier_sent"] is True
+    # The card's questions come first: CC-1 stands because cauda equina symptoms were not asked.
+    first = page.locator("section.group").first
+    assert first.locator("h2").inner_text() == "Questions for this card"
+    assert first.locator("#q-ces-saddle").count() == 1
+    # The page keeps its promises: a CSP with no inline script, a Secure HttpOnly cookie.
+    csp = response.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    (cookie,) = [c for c in page.context.cookies() if "lbp-smart-" in c["name"]]
+    assert cookie["name"].startswith("__Secure-") and cookie["httpOnly"] and cookie["secure"]
+    assert cookie["sameSite"] == "Lax"
+
+    page.check("#f-ces-saddle")
+    page.check("#f-ces-bladder-false")
+    shot(page, "02-saddle-numbness-yes")
+    page.get_by_role("button", name="Save answers to the record").click()
+    page.wait_for_url(re.compile(r"/saved$"))
+    TIMINGS["launch_to_saved_s"] = time.monotonic() - started
+    shot(page, "03-saved")
+    assert "Saved to the patient's record" in page.locator("main").inner_text()
+
+    (qr,) = stored_responses(fhir_server, pid)
+    assert qr["status"] == "completed"
+    assert qr["questionnaire"].startswith(
+        "https://lbp-cds.example.org/fhir/Questionnaire/lbp-intake|")
+    assert qr["subject"] == {"reference": f"Patient/{pid}"}
+    assert qr["author"] == {"reference": "Practitioner/smart-ehr-clinician"}
+    assert datetime.fromisoformat(qr["authored"]).tzinfo is not None
+    assert qr["identifier"]["value"].startswith("urn:uuid:")
+    answers = {i["linkId"]: i["answer"][0] for i in qr["item"]}
+    assert answers["ces-saddle"] == {"valueBoolean": True}
+    assert answers["ces-bladder"] == {"valueBoolean": False}
+
+    after = patient_view(service, keys, ehr, pid)
+    assert rule_of(after[0]) == "CES-1" and after[0]["indicator"] == "critical"
+    assert "CC-1" not in [rule_of(c) for c in after]
+
+
+def test_fhir_server_down_keeps_the_answers_and_the_retry_saves_once(
+        service, keys, ehr, fhir_server, browser_page):
+    pid = new_patient(fhir_server)
+    link = smart_link(patient_view(service, keys, ehr, pid), "CC-1")
+    page = browser_page
+    page.goto(launch_url(ehr, link, pid))
+    page.check("#f-ces-bilateral")
+    page.check("#f-ces-saddle-false")
+    with ehr.backend_down():
+        page.get_by_role("button", name="Save answers to the record").click()
+        page.wait_for_load_state()
+        alert = page.locator("#error-summary")
+        assert alert.get_attribute("role") == "alert"
+        assert "could not save" in alert.inner_text() or "could not be reached" in \
+            alert.inner_text()
+        shot(page, "04-fhir-server-down")
+        # Nothing lost: the answers are still selected on the page.
+        assert page.is_checked("#f-ces-bilateral") and page.is_checked("#f-ces-saddle-false")
+        assert stored_responses(fhir_server, pid) == []
+    page.get_by_role("button", name="Try saving again").click()
+    page.wait_for_url(re.compile(r"/saved$"))
+    shot(page, "05-saved-after-retry")
+    (qr,) = stored_responses(fhir_server, pid)
+    answers = {i["linkId"]: i["answer"][0] for i in qr["item"]}
+    assert answers["ces-bilateral"] == {"valueBoolean": True}
+
+
+def test_expired_sign_in_keeps_the_answers_and_a_new_launch_restores_them(
+        service, keys, ehr, fhir_server, browser_page):
+    pid = new_patient(fhir_server)
+    link = smart_link(patient_view(service, keys, ehr, pid), "CC-1")
+    page = browser_page
+    page.goto(launch_url(ehr, link, pid))
+    page.check("#f-ces-saddle")
+    ehr.expire_tokens()
+    page.get_by_role("button", name="Save answers to the record").click()
+    page.wait_for_load_state()
+    text = page.locator("#error-summary").inner_text()
+    assert "expired" in text and "open the app again" in text.lower()
+    assert page.is_checked("#f-ces-saddle")
+    shot(page, "06-sign-in-expired")
+    assert stored_responses(fhir_server, pid) == []
+    # The clinician clicks the card's link again: a new launch, the same browser.
+    page.goto(launch_url(ehr, link, pid))
+    assert page.is_checked("#f-ces-saddle"), "the unsaved answer came back"
+    shot(page, "07-answers-restored-after-new-launch")
+    page.get_by_role("button", name="Save answers to the record").click()
+    page.wait_for_url(re.compile(r"/saved$"))
+    (qr,) = stored_responses(fhir_server, pid)
+    assert {i["linkId"] for i in qr["item"]} >= {"ces-saddle"}
+
+
+def test_wrong_state_is_refused_and_nothing_is_exchanged(service, ehr, fhir_server,
+                                                         browser_page):
+    pid = new_patient(fhir_server)
+    page = browser_page
+    # Start a real launch but stop at the EHR's redirect back: replay it with another state.
+    link = {"url": service.url("/smart/launch"),
+            "appContext": json.dumps({"rule": "CC-1", "patient": pid})}
+    answered: list[str] = []
+    page.route(re.compile(r".*/smart/callback\?.*"), lambda route: (
+        answered.append(route.request.url), route.abort()))
+    page.goto(launch_url(ehr, link, pid), wait_until="commit") if False else None
+    try:
+        page.goto(launch_url(ehr, link, pid))
+    except Exception:  # noqa: BLE001 - the aborted navigation is the point
+        pass
+    page.unroute(re.compile(r".*/smart/callback\?.*"))
+    (callback,) = answered
+    tokens_before = len(ehr.token_log)
+    forged = re.sub(r"state=[^&]+", "state=AAAAAAAAAAAAAAAA.forged", callback)
+    response = page.goto(forged)
+    assert response is not None and response.status == 400
+    assert "wrong or missing state" in page.locator("main").inner_text()
+    shot(page, "08-wrong-state")
+    assert len(ehr.token_log) == tokens_before, "no code was exchanged"
+
+
+def test_launch_for_another_patient_than_the_card_is_refused(service, keys, ehr, fhir_server,
+                                                             browser_page):
+    """The card was for patient A; the EHR's launch context says B: nothing is read or shown."""
+    a, b = new_patient(fhir_server), new_patient(fhir_server)
+    link = smart_link(patient_view(service, keys, ehr, a), "CC-1")
+    launch = ehr.new_launch(b, app_context=link["appContext"])
+    response = browser_page.goto(f"{link['url']}?{urlencode({'iss': ehr.iss, 'launch': launch})}")
+    assert response is not None and response.status == 403
+    assert "another patient" in browser_page.locator("main").inner_text()
+    shot(browser_page, "09-card-for-another-patient")
+
+
+def test_iss_off_the_allowlist_is_refused_before_any_connection(service, browser_page):
+    # A name under .invalid (RFC 2606) is refused by the allowlist before any lookup.
+    response = browser_page.goto(service.url("/smart/launch?") + urlencode(
+        {"iss": "https://ehr.invalid/fhir", "launch": "x"}))
+    assert response is not None and response.status == 403
+    assert "not on the allowlist" in browser_page.locator("main").inner_text()
+    shot(browser_page, "10-iss-not-allowed")
