@@ -43,6 +43,7 @@ ANSWER_TYPES = ("boolean", "choice", "integer", "date")
 FACT_KINDS = ("condition", "finding", "lab_positive", "medication", "procedure",
               "observation_value", "lab_high")
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+URN_UUID = re.compile(r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -227,8 +228,8 @@ def _applies(k: Knowledge, raw: Any, link_id: str, at: str) -> Applies:
         raise KnowledgeError(f"{at}: applies.sex must be female or male")
     out = Applies(raw.get("sex"), raw.get("min_age"), raw.get("max_age"))
     topic = k.style.topics.get(link_id)
-    if topic is not None and (topic.sex, topic.min_age, topic.max_age) != (
-            out.sex, out.min_age, out.max_age):
+    limits = (topic.sex, topic.min_age, topic.max_age) if topic is not None else (None,) * 3
+    if limits != (None,) * 3 and limits != (out.sex, out.min_age, out.max_age):
         raise KnowledgeError(f"{at}: applies differs from card-style.yaml topics {link_id}")
     return out
 
@@ -591,7 +592,8 @@ def parse_answers(k: Knowledge, form: Mapping[str, list[str]], *,
 
     Args:
         k: the loaded knowledge pack.
-        form: the submitted fields, each with its list of values (``MultiDict.to_dict(flat=False)``).
+        form: the submitted fields, each with its list of values
+            (``request.form.to_dict(flat=False)``).
         now: the clock, for "not in the future" (default: the current time).
 
     Returns:
@@ -746,7 +748,7 @@ def build_response(k: Knowledge, values: Mapping[str, Any], *, patient_id: str,
         ValueError: a value does not fit its item, the inputs are malformed, or the result is
             not a valid R4 QuestionnaireResponse (the message says why).
     """
-    if not identifier.startswith("urn:uuid:"):
+    if not URN_UUID.fullmatch(identifier):
         raise ValueError("identifier must be a urn:uuid:")
     if authored.tzinfo is None:
         raise ValueError("authored must carry a timezone offset")
