@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -71,8 +71,19 @@ def test_the_cards_rule_puts_its_questions_first(k):
     card = [i.link_id for i in items if i.group == "card"]
     assert {"fever-chills", "ivdu", "recent-infection", "immunosuppressed"} <= set(card)
     assert ids(items)[:len(card)] == card
-    assert "ces-saddle" not in card
+    # INF-1's own questions first; then those of the rules it escalates on (cauda equina).
+    own = [i for i in card if i in intake.rule_items(k, "INF-1")]
+    assert card[:len(own)] == own and "ces-saddle" in card[len(own):]
     assert {i.group for i in items[len(card):]} <= {"danger", "other"}
+
+
+def test_a_card_standing_for_absent_red_flags_opens_on_those_red_flags(k):
+    """CC-1 stands because no red-flag rule fired: its questions are those rules' questions,
+    most dangerous first."""
+    items = intake.form_items(k, sex="male", age=40, first_rule="CC-1")
+    card = [i.link_id for i in items if i.group == "card"]
+    assert {"ces-saddle", "fever-chills", "cancer-history"} <= set(card)
+    assert card.index("ces-saddle") < card.index("fever-chills")
 
 
 def test_rule_items_reads_answers_startback_and_unknown_rules(k):
@@ -155,17 +166,26 @@ def test_onset_side_aneurysm_and_pregnancy_from_the_record(k):
     assert found["possibly-pregnant"].value is True, found
 
 
-def test_a_previous_intake_prefills_what_it_answered(k):
-    qr = questionnaire_response({"ces-saddle": False, "trauma": "minor", "ces-onset-days": 3,
-                                 "conservative-tried": ["nsaid", "heat"],
+def test_a_previous_intake_prefills_what_it_answered_but_never_a_no(k):
+    qr = questionnaire_response({"ces-saddle": False, "ces-bilateral": True, "trauma": "minor",
+                                 "ces-onset-days": 3, "conservative-tried": ["nsaid", "heat"],
                                  "lbp-onset-date": "2026-02-10"},
                                 authored="2026-02-28T09:00:00Z")
     found = intake.prefill(k, resources(qr), now=NOW)
-    assert found["ces-saddle"] == Prefill(False, "previous intake, 2026-02-28")
+    # A red flag denied earlier is asked again: a prefilled "no" would be saved with one click.
+    assert "ces-saddle" not in found
+    assert found["ces-bilateral"] == Prefill(True, "previous intake, 2026-02-28")
     assert found["trauma"].value == "minor"
     assert found["ces-onset-days"].value == 3
     assert found["conservative-tried"].value == ["nsaid", "heat"]
     assert found["lbp-onset-date"].value == date(2026, 2, 10)
+
+
+def test_an_intake_older_than_the_window_prefills_nothing(k):
+    days = k.param("$intake_prefill_previous_days")
+    old = (NOW - timedelta(days=days + 1)).isoformat()
+    qr = questionnaire_response({"ces-bilateral": True, "trauma": "minor"}, authored=old)
+    assert intake.prefill(k, resources(qr), now=NOW) == {}
 
 
 def test_the_record_wins_over_a_previous_intake(k):

@@ -136,7 +136,7 @@ def shot(page: Any, name: str) -> None:
 
 def stored_responses(fhir: FhirServer, pid: str) -> list[dict[str, Any]]:
     """The intake responses the FHIR store holds for the patient (read straight from sekmet)."""
-    found = fhir.search_all("QuestionnaireResponse", {"_count": "200"})
+    found, _pages = fhir.search_all("QuestionnaireResponse", _count=200)
     return [r for r in found if (r.get("subject") or {}).get("reference") == f"Patient/{pid}"]
 
 
@@ -254,28 +254,36 @@ def test_expired_sign_in_keeps_the_answers_and_a_new_launch_restores_them(
 
 def test_wrong_state_is_refused_and_nothing_is_exchanged(service, ehr, fhir_server,
                                                          browser_page):
+    """The EHR's redirect back, replayed with another ``state``, is refused before the code is
+    exchanged; the genuine one then goes through (the refusal is about the state alone)."""
     pid = new_patient(fhir_server)
-    page = browser_page
-    # Start a real launch but stop at the EHR's redirect back: replay it with another state.
     link = {"url": service.url("/smart/launch"),
             "appContext": json.dumps({"rule": "CC-1", "patient": pid})}
-    answered: list[str] = []
-    page.route(re.compile(r".*/smart/callback\?.*"), lambda route: (
-        answered.append(route.request.url), route.abort()))
-    page.goto(launch_url(ehr, link, pid), wait_until="commit") if False else None
-    try:
-        page.goto(launch_url(ehr, link, pid))
-    except Exception:  # noqa: BLE001 - the aborted navigation is the point
-        pass
-    page.unroute(re.compile(r".*/smart/callback\?.*"))
-    (callback,) = answered
+    # Walk the redirects without following them, to hold the EHR's answer in hand.
+    http = requests.Session()
+    http.trust_env = False
+    started = http.get(launch_url(ehr, link, pid), allow_redirects=False, timeout=30)
+    assert started.status_code == 302
+    name, _, value = started.headers["Set-Cookie"].split(";", 1)[0].partition("=")
+    answered = http.get(started.headers["Location"], allow_redirects=False, timeout=30)
+    assert answered.status_code == 302
+    callback = answered.headers["Location"]
+    assert callback.startswith(service.url("/smart/callback?"))
+    page = browser_page
+    page.context.add_cookies([{"name": name, "value": value, "domain": "127.0.0.1",
+                               "path": "/smart", "secure": True, "httpOnly": True,
+                               "sameSite": "Lax"}])
     tokens_before = len(ehr.token_log)
-    forged = re.sub(r"state=[^&]+", "state=AAAAAAAAAAAAAAAA.forged", callback)
+    forged = re.sub(r"(state=[^.&]+\.)[^&]+", r"\1forged", callback)
+    assert forged != callback
     response = page.goto(forged)
     assert response is not None and response.status == 400
     assert "wrong or missing state" in page.locator("main").inner_text()
     shot(page, "08-wrong-state")
     assert len(ehr.token_log) == tokens_before, "no code was exchanged"
+    response = page.goto(callback)
+    assert response is not None and response.status == 200 and page.url.endswith("/intake")
+    assert len(ehr.token_log) == tokens_before + 1
 
 
 def test_launch_for_another_patient_than_the_card_is_refused(service, keys, ehr, fhir_server,

@@ -15,7 +15,7 @@ import requests
 from flask import Flask
 from flask_cors import CORS
 
-from lbp_cds import admin, api, egress, knowledge, observability, pama, smart
+from lbp_cds import admin, api, egress, intake, knowledge, observability, pama, smart
 from lbp_cds.auth import JwtVerifier, TrustedClient, load_clients
 from lbp_cds.cards import KNOWLEDGE_DIGEST_SHOWN
 from lbp_cds.config import Settings
@@ -56,6 +56,7 @@ def create_app(
                           Path(settings.parameters_file) if settings.parameters_file else None)
     engine = RuleEngine(pack)
     pama.rater_for(engine)  # pama.yaml's condition trees compiled (and checked) at start-up
+    intake.load_form(pack)  # the intake app's form file checked against the pack at start-up
     _ = pack.code_universe  # built once, here, not on the first hook call
     observability.KNOWLEDGE.labels(pack.digest[:KNOWLEDGE_DIGEST_SHOWN]).set(1)
     log.info("knowledge loaded", extra={"knowledge_digest": pack.digest, "root": str(pack.root),

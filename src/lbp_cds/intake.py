@@ -334,12 +334,45 @@ def rule_items(k: Knowledge, rule_id: str) -> list[str]:
     return [i["linkId"] for i in load_form(k).items if i["linkId"] in found]
 
 
-def _walk(k: Knowledge, tree: Any, found: set[str]) -> None:
+def card_items(k: Knowledge, rule_id: str) -> list[str]:
+    """The questions that can change a card of ``rule_id``: its own (``rule_items``) and those of
+    every rule its conditions refer to, transitively. CC-1 stands because no red-flag rule fired:
+    its card's questions are those rules' questions.
+
+    Returns:
+        linkIds in questionnaire order, each once; ``[]`` for an unknown rule.
+    """
+    by_id = {r.id: r for r in k.rules}
+    seen: set[str] = set()
+    todo = [rule_id]
+    found: set[str] = set()
+    while todo:
+        rid = todo.pop()
+        rule = by_id.get(rid)
+        if rule is None or rid in seen:
+            continue
+        seen.add(rid)
+        found.update(rule_items(k, rid))
+        refs: set[str] = set()
+        trees = [rule.when, *(t for _, t in rule.escalate), *(t for _, t in rule.notes)]
+        if rule.ask is not None:
+            trees.append(rule.ask.when)
+        for tree in trees:
+            _walk(k, tree, set(), refs)
+        todo.extend(refs - seen)
+    return [i["linkId"] for i in load_form(k).items if i["linkId"] in found]
+
+
+def _walk(k: Knowledge, tree: Any, found: set[str], refs: set[str] | None = None) -> None:
     if isinstance(tree, list):
         for sub in tree:
-            _walk(k, sub, found)
+            _walk(k, sub, found, refs)
         return
     if not isinstance(tree, dict):
+        return
+    if "rule" in tree and "fact" not in tree:
+        if refs is not None:
+            refs.add(str(tree["rule"]))
         return
     fact = tree.get("fact")
     if fact is not None:
@@ -354,14 +387,15 @@ def _walk(k: Knowledge, tree: Any, found: set[str]) -> None:
         return
     for key in ("all", "any", "of", "not"):
         if key in tree:
-            _walk(k, tree[key], found)
+            _walk(k, tree[key], found, refs)
 
 
 def form_items(k: Knowledge, *, sex: str | None, age: int | None,
                first_rule: str | None) -> list[FormItem]:
     """The questions to show this patient, most useful first.
 
-    The card's rule's questions come first (group ``card``), then the others by danger: an
+    The questions that can change the card's rule come first (group ``card``: ``card_items``),
+    the rule's own first, then the others by danger: an
     item's rank is the most dangerous rule that reads it, rules ranked by card-style.yaml
     ``rules`` (group ``danger``), then by the pack's order (group ``other``); questions no rule
     reads come last, in questionnaire order. Ties keep the questionnaire's order.
@@ -382,7 +416,8 @@ def form_items(k: Knowledge, *, sex: str | None, age: int | None,
     for pos, rid in enumerate(ranked):
         for link_id in rule_items(k, rid):
             rank.setdefault(link_id, pos)
-    first = set(rule_items(k, first_rule)) if first_rule else set()
+    own = set(rule_items(k, first_rule)) if first_rule else set()
+    first = set(card_items(k, first_rule)) if first_rule else set()
     unread = len(ranked)
 
     def group_of(link_id: str) -> str:
@@ -393,7 +428,9 @@ def form_items(k: Knowledge, *, sex: str | None, age: int | None,
     def order(pair: tuple[int, dict[str, Any]]) -> tuple[int, int, int]:
         pos, item = pair
         link_id = item["linkId"]
-        return (0 if link_id in first else 1, rank.get(link_id, unread), pos)
+        # The rule's own questions, then those of the rules it depends on, then the rest.
+        place = 0 if link_id in own else 1 if link_id in first else 2
+        return (place, rank.get(link_id, unread), pos)
 
     out = []
     for _pos, item in sorted(enumerate(spec.items), key=order):
@@ -494,9 +531,9 @@ def prefill(k: Knowledge, resources: Mapping[str, Sequence[dict[str, Any]]], *,
     """The answers the record gives, each with its source.
 
     Record findings (``prefill`` in lbp-intake-form.yaml) come first; then the newest previous
-    intake answers what the record did not ("previous intake, <date>"). Only a finding that is
-    present prefills: nothing is prefilled "no" because the record is silent, and a finding that
-    could not be read prefills nothing.
+    intake answers what the record did not ("previous intake, <date>"), if it was answered
+    within ``$intake_prefill_previous_days`` and is not a "no". Only a finding that is present
+    prefills: nothing is prefilled "no", and a finding that could not be read prefills nothing.
 
     Args:
         k: the loaded knowledge pack.
@@ -520,14 +557,17 @@ def prefill(k: Knowledge, resources: Mapping[str, Sequence[dict[str, Any]]], *,
             if found is not None:
                 out[link_id] = found
                 break
+    window = float(k.param("$intake_prefill_previous_days"))
     intake = facts.Context(record_from_resources(pid, resources.get("QuestionnaireResponse")
                                                  or ()), k, now, "patient-view")
     for item in spec.items:
         link_id = item["linkId"]
         if link_id in out:
             continue
-        values, qr = facts.latest_answers(intake, link_id)
+        values, qr = facts.latest_answers(intake, link_id, within_days=window)
         value = _typed_previous(item, values)
+        if value is False:
+            continue  # an earlier "no" is not today's: the question is asked again
         if qr is not None and value is not None:
             when = facts.day(facts.as_datetime(qr.authored))
             out[link_id] = Prefill(value, f"previous intake, {when}" if when

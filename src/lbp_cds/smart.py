@@ -16,8 +16,9 @@ Flow (https://hl7.org/fhir/smart-app-launch/STU2/app-launch.html):
    Observation, earlier intakes) to hide what does not apply and to prefill what the record
    answers, naming the source; the questions of the card's rule (``appContext``) come first.
 4. ``POST /smart/s/<sid>/intake``: CSRF-checked; the answers are kept in the session first, then
-   POSTed as a QuestionnaireResponse with ``If-None-Exist`` on its identifier, so a retry after a
-   lost answer cannot store it twice. Refused, expired or down: the page says so, keeps every
+   POSTed as a QuestionnaireResponse with an identifier made when the form was first shown; a
+   retry after an attempt whose answer was lost first looks that identifier up, so the answers
+   are not stored twice. Refused, expired or down: the page says so, keeps every
    answer and offers the retry.
 
 Sessions are server-side (``smart_sessions``, revision 0005): the browser holds only a random
@@ -608,16 +609,6 @@ def _subject(resource: dict[str, Any]) -> str | None:
     return parts[-1] if len(parts) >= 2 and parts[-2] == "Patient" else None
 
 
-def _banner(resource: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not resource:
-        return None
-    names = resource.get("name") or []
-    name = names[0] if names else {}
-    text = name.get("text") or " ".join([*(name.get("given") or []), name.get("family") or ""])
-    return {"name": text.strip() or "(no name)", "sex": resource.get("gender"),
-            "birth_date": resource.get("birthDate")}
-
-
 def _form_page(s: Session, status: int = 200, *, values: dict[str, Any] | None = None,
                errors: dict[str, str] | None = None, save_error: str | None = None
                ) -> Response:
@@ -629,16 +620,18 @@ def _form_page(s: Session, status: int = 200, *, values: dict[str, Any] | None =
     prefills = intake.prefill(rt.knowledge, record, now=rt.clock())
     draft = s.data.get("draft") or {}
     identifier = draft.get("identifier") or f"urn:uuid:{uuid.uuid4()}"
-    if not draft:
-        s.data["draft"] = {"identifier": identifier, "values": {}}
+    restored = bool(s.data.pop("restored", False))
+    if not draft or restored:
+        s.data["draft"] = {**draft, "identifier": identifier}
+        s.data["draft"].setdefault("values", {})
         save_session(s)
     shown = values if values is not None else draft.get("values") or {}
     return page("intake.html", status, items=items, values=shown, prefills=prefills,
                 errors=errors or {}, save_error=save_error, csrf=s.data["csrf"],
                 identifier=identifier, action=f"{_prefix()}/smart/s/{s.sid}/intake",
-                patient=_banner(patient) if s.data.get("banner") else None,
+                patient=intake.patient_banner(patient) if s.data.get("banner") else None,
                 title="Back pain red-flag questions", unread=unread,
-                restored=bool(s.data.pop("restored", False)), rule=s.data.get("rule"))
+                restored=restored, rule=s.data.get("rule"))
 
 
 @bp.get("/s/<sid>/intake")
@@ -664,7 +657,8 @@ def intake_save(sid: str) -> Response:
         identifier = draft.get("identifier") or f"urn:uuid:{uuid.uuid4()}"
     kept = {**{k: v[0] if len(v) == 1 else v for k, v in form.items()
                if k not in ("csrf", "identifier")}}
-    s.data["draft"] = {"identifier": identifier, "values": _jsonable(values), "raw": kept}
+    s.data["draft"] = {"identifier": identifier, "values": _jsonable(values), "raw": kept,
+                       "attempted": bool(draft.get("attempted"))}
     save_session(s)  # kept before anything is sent: nothing typed is lost from here on
     if errors:
         return _form_page(s, 422, values={**values, **{k: kept.get(k) for k in errors}},
@@ -679,27 +673,26 @@ def intake_save(sid: str) -> Response:
     ehr = _ehr_of(s)
     started = time.monotonic()
     try:
+        # A retry after an attempt whose answer never came may find it stored already: the
+        # response's identifier says so (servers differ on conditional create, so it is looked
+        # up rather than left to If-None-Exist).
+        earlier = _stored_with(ehr, s, identifier) if draft.get("attempted") else None
+        if earlier is not None:
+            return _saved(s, values, earlier, started, "found")
+        s.data["draft"]["attempted"] = True
+        save_session(s)
         resp = ehr_call(ehr, "POST", f"{ehr.iss}/QuestionnaireResponse", base=ehr.iss,
                         token=s.data["token"], body=json.dumps(qr).encode(),
-                        headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON,
-                                 "If-None-Exist": f"identifier=urn:ietf:rfc:3986|{identifier}"})
+                        headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON})
     except requests.RequestException as exc:
         return _save_failed(s, values, 503, "The EHR's FHIR server could not be reached "
-                            f"({type(exc).__name__}). Nothing was saved yet; your answers are "
-                            "kept on this page. Try saving again.")
+                            f"({type(exc).__name__}). Your answers are kept on this page. "
+                            "Try saving again.")
     except LaunchError as exc:
         return _save_failed(s, values, exc.status, exc.message + " Your answers are kept on "
                             "this page.")
     if resp.status_code in (200, 201):
-        saved_id = _saved_id(resp)
-        s.data["stage"] = "saved"
-        s.data["saved"] = {"id": saved_id, "at": rt.clock().isoformat(),
-                           "yes": [k for k, v in values.items() if v is True]}
-        s.data.pop("draft", None)
-        save_session(s)
-        log.info("intake saved", extra={"sid": s.sid, "seconds": round(
-            time.monotonic() - started, 3), "status": resp.status_code})
-        return redirect(f"{_prefix()}/smart/s/{s.sid}/saved", 303)
+        return _saved(s, values, _saved_id(resp), started, str(resp.status_code))
     detail = _diagnostics(resp)
     if resp.status_code == 401:
         return _save_failed(s, values, 401, "The EHR no longer accepts this sign-in (it has "
@@ -716,6 +709,44 @@ def intake_save(sid: str) -> Response:
     return _save_failed(s, values, 502, f"The EHR's FHIR server could not save the answers "
                         f"(HTTP {resp.status_code}){detail}. Nothing was saved yet; your "
                         "answers are kept on this page. Try saving again.")
+
+
+def _saved(s: Session, values: dict[str, Any], saved_id: str | None, started: float,
+           how: str) -> Response:
+    s.data["stage"] = "saved"
+    s.data["saved"] = {"id": saved_id, "at": runtime().clock().isoformat(),
+                       "yes": [k for k, v in values.items() if v is True]}
+    s.data.pop("draft", None)
+    save_session(s)
+    log.info("intake saved", extra={"sid": s.sid, "how": how,
+                                    "seconds": round(time.monotonic() - started, 3)})
+    return redirect(f"{_prefix()}/smart/s/{s.sid}/saved", 303)
+
+
+def _stored_with(ehr: Ehr, s: Session, identifier: str) -> str | None:
+    """The id of the patient's stored response with this identifier, if the server has one.
+
+    Raises:
+        requests.RequestException: the server could not be reached.
+    """
+    patient = s.data["patient"]
+    url = (f"{ehr.iss}/QuestionnaireResponse?" + urlencode(
+        {"patient": patient, "identifier": f"urn:ietf:rfc:3986|{identifier}"}))
+    resp = ehr_call(ehr, "GET", url, base=ehr.iss, token=s.data["token"],
+                    headers={"Accept": FHIR_JSON})
+    if resp.status_code != 200:
+        return None  # cannot tell: saving again risks a duplicate, never a loss
+    try:
+        bundle = resp.json()
+    except ValueError:
+        return None
+    for entry in (bundle.get("entry") or []) if isinstance(bundle, dict) else []:
+        found = entry.get("resource") or {}
+        # A server that ignores the search parameters answers with more: check each one.
+        if ((found.get("identifier") or {}).get("value") == identifier
+                and _subject(found) == patient and found.get("id")):
+            return str(found["id"])
+    return None
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
