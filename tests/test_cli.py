@@ -140,17 +140,23 @@ def test_migrate_and_purge(tmp_path, monkeypatch, capsys):
         store.record_feedback([Feedback(uuid, "accepted", (), None, None, when)], when)
     store.claim("iss|gone", 1.0)
     store.claim("iss|live", 4e9)
+    # An intake app session that has ended (expired) and one still open.
+    store.session_put("ended-session-01", "h1", b"sealed", 1.0)
+    store.session_put("open-session-001", "h2", b"sealed", 4e9)
 
     assert main(["purge", "--older-than-days", "365", "--dry-run"]) == 0
     dry = json.loads(capsys.readouterr().out)
-    assert dry["would delete"] == {"issued_cards": 1, "feedback": 1, "jwt_replay": 1}
+    assert dry["would delete"] == {"issued_cards": 1, "feedback": 1, "jwt_replay": 1,
+                                   "smart_sessions": 1}
     assert store.count("issued_cards") == 2  # a dry run deletes nothing
 
     assert main(["purge", "--older-than-days", "365"]) == 0
     assert json.loads(capsys.readouterr().out)["deleted"] == {
-        "issued_cards": 1, "feedback": 1, "jwt_replay": 1}
+        "issued_cards": 1, "feedback": 1, "jwt_replay": 1, "smart_sessions": 1}
     assert store.card("old") is None and store.card("recent") is not None
     assert store.count("feedback") == 1 and store.count("jwt_replay") == 1
+    assert store.session_get("open-session-001") == ("h2", b"sealed")
+    assert store.count("smart_sessions") == 1
     store.engine.dispose()
 
     with pytest.raises(SystemExit) as exit_:

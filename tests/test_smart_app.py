@@ -49,21 +49,30 @@ def ehr(fhir_server: FhirServer) -> Iterator[SmartEhr]:
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory, ehr: SmartEhr) -> CdsClientKeys:
-    return CdsClientKeys(tmp_path_factory.mktemp("keys"), client_fields={
-        "fhir_servers": [ehr.iss], "allow_private": True,
-        "smart": {"client_id": CLIENT_ID, "iss": ehr.iss}})
+def ehr_v1(fhir_server: FhirServer) -> Iterator[SmartEhr]:
+    """An EHR whose authorization server offers SMART v1 scopes only."""
+    with SmartEhr(fhir_server, permission="v1") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, keys: CdsClientKeys, ehr: SmartEhr
-            ) -> Iterator[ServiceServer]:
+def keys(tmp_path_factory: pytest.TempPathFactory, ehr: SmartEhr, ehr_v1: SmartEhr
+         ) -> CdsClientKeys:
+    return CdsClientKeys(tmp_path_factory.mktemp("keys"), client_fields={
+        "fhir_servers": [ehr.iss], "allow_private": True,
+        "smart": {"client_id": CLIENT_ID, "iss": [ehr.iss, ehr_v1.iss]}})
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, keys: CdsClientKeys, ehr: SmartEhr,
+            ehr_v1: SmartEhr) -> Iterator[ServiceServer]:
     server = start_service(tmp_path_factory.mktemp("service"), env={
         "LBP_CDS_KNOWLEDGE_DIR": str(ROOT / "cds_services"),
         "LBP_CDS_PUBLIC_BASE_URL": "{base_url}",
         "LBP_CDS_FHIR_DEADLINE_SECONDS": "8", "LBP_CDS_FHIR_READ_TIMEOUT_SECONDS": "6"},
         args=["--clients", str(keys.clients_file), "--threads", "8"])
     ehr.register_client(CLIENT_ID, [server.url("/smart/callback")])
+    ehr_v1.register_client(CLIENT_ID, [server.url("/smart/callback")])
     try:
         yield server
     finally:
@@ -198,6 +207,11 @@ def test_card_to_saved_answer_to_changed_card(service, keys, ehr, fhir_server, b
     after = patient_view(service, keys, ehr, pid)
     assert rule_of(after[0]) == "CES-1" and after[0]["indicator"] == "critical"
     assert "CC-1" not in [rule_of(c) for c in after]
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    (SHOTS / "timings.json").write_text(json.dumps(TIMINGS, indent=1))
+    # Neither the patient's id nor a token reaches the service's log.
+    log = service.log_text()
+    assert pid not in log and ehr.system_token not in log
 
 
 def test_fhir_server_down_keeps_the_answers_and_the_retry_saves_once(
@@ -305,3 +319,175 @@ def test_iss_off_the_allowlist_is_refused_before_any_connection(service, browser
     assert response is not None and response.status == 403
     assert "not on the allowlist" in browser_page.locator("main").inner_text()
     shot(browser_page, "10-iss-not-allowed")
+
+
+def test_standalone_patient_launch_from_a_portal(service, ehr, fhir_server, browser_page):
+    """A patient portal opens the app with `iss` alone: `launch/patient`, the signed-in patient
+    is the subject and the author."""
+    pid = new_patient(fhir_server, gender="female", age=30)
+    ehr.portal_patient = pid
+    try:
+        page = browser_page
+        page.goto(service.url("/smart/launch?") + urlencode({"iss": ehr.iss}))
+        assert page.url.endswith("/intake")
+        assert "launch/patient" in ehr.authorize_log[-1]["scope"].split()
+        assert "launch" not in ehr.authorize_log[-1]
+        # A 30-year-old woman is asked about pregnancy; the banner names her.
+        assert page.locator("#q-possibly-pregnant").count() == 1
+        shot(page, "11-standalone-portal-launch")
+        page.check("#f-fever-chills")
+        page.get_by_role("button", name="Save answers to the record").click()
+        page.wait_for_url(re.compile(r"/saved$"))
+    finally:
+        ehr.portal_patient = None
+    (qr,) = stored_responses(fhir_server, pid)
+    assert qr["author"] == {"reference": f"Patient/{pid}"}
+
+
+def test_a_smart_v1_server_gets_v1_scopes(service, keys, ehr_v1, fhir_server, browser_page):
+    pid = new_patient(fhir_server)
+    link = {"url": service.url("/smart/launch"),
+            "appContext": json.dumps({"rule": "CC-1", "patient": pid})}
+    browser_page.goto(launch_url(ehr_v1, link, pid))
+    assert browser_page.url.endswith("/intake")
+    scopes = ehr_v1.authorize_log[-1]["scope"].split()
+    assert "patient/QuestionnaireResponse.write" in scopes
+    assert not [s for s in scopes if s.endswith((".rs", ".cu"))]
+    browser_page.check("#f-ces-saddle-false")
+    browser_page.get_by_role("button", name="Save answers to the record").click()
+    browser_page.wait_for_url(re.compile(r"/saved$"))
+    assert len(stored_responses(fhir_server, pid)) == 1
+
+
+def test_the_form_on_a_phone_by_keyboard_with_questions_that_open(
+        service, keys, ehr, fhir_server, chromium_browser):
+    """320 px wide, no horizontal scrolling; every field named; Tab and Space answer; the
+    follow-up question appears only when a cauda equina answer is yes; no CSP violation."""
+    pid = new_patient(fhir_server)
+    link = smart_link(patient_view(service, keys, ehr, pid), "CC-1")
+    context = chromium_browser.new_context(viewport={"width": 320, "height": 720},
+                                           is_mobile=True, has_touch=True)
+    try:
+        page = context.new_page()
+        violations: list[str] = []
+        page.on("console", lambda m: violations.append(m.text)
+                if "Content Security Policy" in m.text else None)
+        page.goto(launch_url(ehr, link, pid))
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 320, f"the page scrolls sideways on a phone ({width} px)"
+        # Every control a person can reach has an accessible name (label or legend).
+        unnamed = page.evaluate("""() => Array.from(document.querySelectorAll(
+            'input:not([type=hidden]), select, textarea, button')).filter(e => {
+              const own = e.labels && e.labels.length > 0;
+              return !own && !e.getAttribute('aria-label') && !(e.tagName === 'BUTTON'
+                && e.textContent.trim());
+            }).map(e => e.name || e.id)""")
+        assert unnamed == []
+        onset = page.locator("#q-ces-onset-days")
+        assert onset.is_hidden(), "the follow-up shows before any cauda equina answer"
+        shot(page, "12-phone-form")
+        # Keyboard only: focus the first "Yes" of the saddle question and answer with Space.
+        page.focus("#f-ces-bilateral")
+        page.keyboard.press("Tab")  # radio groups are one tab stop: Tab leaves the group
+        focused = page.evaluate("document.activeElement.name")
+        assert focused and focused != "ces-bilateral"
+        page.keyboard.press("Shift+Tab")
+        page.keyboard.press("Space")
+        assert page.is_checked("#f-ces-bilateral")
+        assert onset.is_visible(), "a yes opens the 'how many days ago' question"
+        page.fill("#f-ces-onset-days", "2")
+        shot(page, "13-phone-follow-up-open")
+        page.get_by_role("button", name="Save answers to the record").click()
+        page.wait_for_url(re.compile(r"/saved$"))
+        shot(page, "14-phone-saved")
+        assert violations == []
+    finally:
+        context.close()
+    (qr,) = stored_responses(fhir_server, pid)
+    answers = {i["linkId"]: i["answer"][0] for i in qr["item"]}
+    assert answers["ces-onset-days"] == {"valueInteger": 2}
+
+
+def test_a_wrong_answer_is_named_and_nothing_is_sent(service, keys, ehr, fhir_server,
+                                                     browser_page):
+    pid = new_patient(fhir_server)
+    link = smart_link(patient_view(service, keys, ehr, pid), "CC-1")
+    page = browser_page
+    page.goto(launch_url(ehr, link, pid))
+    page.check("#f-ces-saddle")
+    future = (datetime.now(timezone.utc) + timedelta(days=30)).date().isoformat()
+    page.fill("#f-lbp-onset-date", future)
+    page.get_by_role("button", name="Save answers to the record").click()
+    page.wait_for_load_state()
+    summary = page.locator("#error-summary")
+    assert summary.is_visible() and "Check these answers" in summary.inner_text()
+    assert page.evaluate("document.activeElement.id") == "error-summary"
+    assert summary.locator("a[href='#f-lbp-onset-date']").count() == 1
+    assert page.is_checked("#f-ces-saddle") and page.input_value("#f-lbp-onset-date") == future
+    shot(page, "15-wrong-answer-named")
+    assert stored_responses(fhir_server, pid) == []
+
+
+def test_a_post_without_this_sessions_csrf_token_saves_nothing(service, keys, ehr, fhir_server,
+                                                               browser_page):
+    pid = new_patient(fhir_server)
+    link = smart_link(patient_view(service, keys, ehr, pid), "CC-1")
+    page = browser_page
+    page.goto(launch_url(ehr, link, pid))
+    page.evaluate("document.querySelector('input[name=csrf]').value = 'forged'")
+    page.check("#f-ces-saddle")
+    page.get_by_role("button", name="Save answers to the record").click()
+    page.wait_for_load_state()
+    assert "CSRF" in page.locator("main").inner_text()
+    assert stored_responses(fhir_server, pid) == []
+    # Another browser (no session cookie) cannot open the form of this session either.
+    other = requests.get(page.url, timeout=30)
+    assert other.status_code == 401 and "session has ended" in other.text
+
+
+def test_the_session_row_holds_no_readable_token(service, ehr, fhir_server, browser_page):
+    """The store keeps the session encrypted with a key only the browser's cookie gives."""
+    import sqlite3
+
+    pid = new_patient(fhir_server)
+    link = {"url": service.url("/smart/launch"),
+            "appContext": json.dumps({"rule": "CC-1", "patient": pid})}
+    browser_page.goto(launch_url(ehr, link, pid))
+    (cookie,) = [c for c in browser_page.context.cookies() if "lbp-smart-" in c["name"]]
+    sid = cookie["name"].removeprefix("__Secure-lbp-smart-")
+    with sqlite3.connect(service.workdir / "store.sqlite3") as db:
+        (hashed, payload), = db.execute(
+            "SELECT secret_hash, payload FROM smart_sessions WHERE sid = ?", (sid,)).fetchall()
+    assert cookie["value"] not in hashed
+    assert pid.encode() not in payload and b"token" not in payload and b"patient" not in payload
+
+
+def test_dev_launcher_plays_the_ehr_from_card_to_changed_card(
+        module_service_server, fhir_server, browser_page):
+    """`make run` + `make fhir`: the dev launcher lists the FHIR server's patients, shows the
+    cards, launches the app from a card through a stand-in EHR, and shows the changed cards."""
+    pid = new_patient(fhir_server)
+    dev = module_service_server(env={"LBP_CDS_KNOWLEDGE_DIR": str(ROOT / "cds_services")},
+                                args=["--dev", "--threads", "8"])
+    page = browser_page
+    page.goto(dev.url("/smart/dev?") + urlencode({"fhir": fhir_server.base_url,
+                                                 "token": fhir_server.token or "",
+                                                 "patient": pid}))
+    cards = page.locator(".dev-card")
+    assert cards.count() == 1 and "CC-1" in cards.first.inner_text()
+    shot(page, "16-dev-launcher")
+    page.get_by_role("button", name="Answer the missing red-flag questions").click()
+    page.wait_for_url(re.compile(r"/intake$"))
+    page.check("#f-ces-saddle")
+    page.get_by_role("button", name="Save answers to the record").click()
+    page.wait_for_url(re.compile(r"/saved$"))
+    page.goto(dev.url("/smart/dev?") + urlencode({"fhir": fhir_server.base_url,
+                                                 "token": fhir_server.token or "",
+                                                 "patient": pid}))
+    first = page.locator(".dev-card").first
+    assert "CES-1" in first.inner_text() and "critical" in first.inner_text()
+    shot(page, "17-dev-launcher-after")
+
+
+def test_the_dev_launcher_does_not_exist_outside_dev_mode(service):
+    assert service.get("/smart/dev").status_code == 404

@@ -386,12 +386,13 @@ def _resolve_references(node: Any, local: dict[str, str]) -> Any:
 # -- knowledge and feedback -----------------------------------------------------------------------
 def cmd_check_knowledge(args: argparse.Namespace) -> int:
     """Load, compile and lint the pack; print a summary."""
-    from lbp_cds import knowledge, pama
+    from lbp_cds import intake, knowledge, pama
     from lbp_cds.lint import lint
     from lbp_cds.rules import RuleEngine
 
     pack = knowledge.load(args.knowledge_dir)
     pama.rater_for(RuleEngine(pack))
+    intake.load_form(pack)  # the intake app's form file (sex/age limits, hints, prefill)
     problems = lint(pack)
     print(f"knowledge at {pack.root} (sha256 {pack.digest}): {len(pack.services)} services, "
           f"{len(pack.rules)} rules, "
