@@ -491,3 +491,30 @@ def test_dev_launcher_plays_the_ehr_from_card_to_changed_card(
 
 def test_the_dev_launcher_does_not_exist_outside_dev_mode(service):
     assert service.get("/smart/dev").status_code == 404
+
+
+def test_the_ehr_refusing_the_app_is_said_plainly(service, ehr, browser_page):
+    """A portal with nobody signed in answers `access_denied`: the page says the EHR did not
+    authorise the app; no token was asked for."""
+    ehr.portal_patient = None
+    tokens_before = len(ehr.token_log)
+    response = browser_page.goto(service.url("/smart/launch?") + urlencode({"iss": ehr.iss}))
+    assert response is not None and response.status == 403
+    assert "did not authorise the app (access_denied" in browser_page.locator("main").inner_text()
+    assert len(ehr.token_log) == tokens_before
+    shot(browser_page, "18-ehr-refused")
+
+
+def test_the_record_unreachable_when_the_form_opens_then_back(service, keys, ehr, fhir_server,
+                                                              browser_page):
+    pid = new_patient(fhir_server)
+    link = smart_link(patient_view(service, keys, ehr, pid), "CC-1")
+    with ehr.backend_down():
+        response = browser_page.goto(launch_url(ehr, link, pid))
+        assert response is not None and response.status == 502
+        said = browser_page.locator("main").inner_text()
+        assert "did not give the patient's record (HTTP 502)" in said and "Try again" in said
+        shot(browser_page, "19-record-unreachable")
+    response = browser_page.reload()
+    assert response is not None and response.status == 200
+    assert browser_page.locator("#q-ces-saddle").count() == 1

@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from lbp_cds.cards import IssuedCard
 from lbp_cds.hooks import Feedback
-from lbp_cds.store import Store
+from lbp_cds.store import Store, metadata
 from tests.conftest import postgres_url
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=timezone.utc)
@@ -33,7 +33,7 @@ def store(request, tmp_path: Path):
 
 def _reset(s: Store) -> None:
     with s.engine.begin() as conn:
-        for table in ("feedback", "issued_cards", "jwt_replay", "alembic_version"):
+        for table in [*(t.name for t in reversed(metadata.sorted_tables)), "alembic_version"]:
             conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
 
 
@@ -87,7 +87,7 @@ def test_no_patient_data_in_the_schema():
 WORKER = r"""
 import sys, uuid
 from datetime import datetime, timedelta, timezone
-from lbp_cds.store import Store
+from lbp_cds.store import Store, metadata
 from lbp_cds.hooks import Feedback
 url, prefix, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cards = [line.strip() for line in sys.stdin if line.strip()]
@@ -130,9 +130,10 @@ def test_purge_deletes_only_what_is_older_than_the_cut_off(store):
         store.record_feedback([Feedback(c.card["uuid"], "accepted", (), None, None, when)], when)
     cut = T0 - timedelta(days=365)
     assert store.purge(cut, dry_run=True) == {"issued_cards": 1, "feedback": 1,
-                                              "jwt_replay": 0}
+                                              "jwt_replay": 0, "smart_sessions": 0}
     assert store.count("issued_cards") == 2
-    assert store.purge(cut) == {"issued_cards": 1, "feedback": 1, "jwt_replay": 0}
+    assert store.purge(cut) == {"issued_cards": 1, "feedback": 1, "jwt_replay": 0,
+                                "smart_sessions": 0}
     assert store.card(old.card["uuid"]) is None
     assert store.card(recent.card["uuid"]) is not None
     (entry,) = store.feedback_report()

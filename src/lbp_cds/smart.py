@@ -50,7 +50,8 @@ import requests
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flask import Blueprint, Response, abort, redirect, request
+from flask import Blueprint, Response, abort, request
+from flask import redirect as _redirect
 
 from lbp_cds import egress, intake, pages
 from lbp_cds.api import runtime
@@ -363,6 +364,12 @@ def page(template: str, status: int = 200, **context: Any) -> Response:
     return Response(html, status, content_type="text/html; charset=utf-8")
 
 
+def redirect(location: str, status: int) -> Response:
+    """``flask.redirect`` typed as the app's own Response class."""
+    response: Response = _redirect(location, status)  # type: ignore[assignment]
+    return response
+
+
 def _prefix() -> str:
     return request.script_root.rstrip("/")
 
@@ -576,8 +583,9 @@ def _read_record(s: Session) -> tuple[dict[str, list[dict[str, Any]]], list[str]
         raise LaunchError("The EHR's sign-in does not cover this patient's record. Nothing was "
                           "read or saved.", 403)
     if resp.status_code != 200:
-        raise LaunchError(f"The patient's record could not be read (HTTP {resp.status_code}).",
-                          502)
+        again = " Try again in a moment (reload this page)." if resp.status_code >= 500 else ""
+        raise LaunchError(f"The EHR's FHIR server did not give the patient's record (HTTP "
+                          f"{resp.status_code}).{again}", 502)
     found: dict[str, list[dict[str, Any]]] = {"Patient": [_json(resp, "patient")]}
     url = rt.knowledge.questionnaire_url
     urls = {"Condition": (f"Condition?patient={patient}", "Condition"),
@@ -614,7 +622,7 @@ def _form_page(s: Session, status: int = 200, *, values: dict[str, Any] | None =
                ) -> Response:
     rt = runtime()
     record, unread = _read_record(s)
-    patient = (record.get("Patient") or [None])[0]
+    patient = next(iter(record.get("Patient") or ()), None)
     sex, age = intake.sex_and_age(patient, rt.clock())
     items = intake.form_items(rt.knowledge, sex=sex, age=age, first_rule=s.data.get("rule"))
     prefills = intake.prefill(rt.knowledge, record, now=rt.clock())

@@ -13,16 +13,17 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import requests
-from flask import Blueprint, Response, current_app, redirect, request
+from flask import Blueprint, Response, current_app, request
 
 from lbp_cds import pages
 from lbp_cds.api import runtime
-from lbp_cds.smart import _is_loopback, redirect_uri
+from lbp_cds.smart import _is_loopback, redirect, redirect_uri
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,10 @@ def launcher() -> Response:
         return _page(502, **context)
     if chosen:
         ehr = ehr_for(fhir, token)
-        context["cards"] = _cards(ehr, chosen)
+        try:
+            context["cards"] = _cards(ehr, chosen)
+        except CardsError as exc:
+            context["error"] = str(exc)
     return _page(**context)
 
 
@@ -119,9 +123,13 @@ def _patients(fhir: str, token: str) -> list[dict[str, str]]:
     return sorted(out, key=lambda p: p["id"])
 
 
+class CardsError(Exception):
+    """The service did not give cards (the launcher shows why)."""
+
+
 def _cards(ehr: Any, patient: str) -> list[dict[str, Any]]:
     """patient-view for ``patient``, as the EHR would call it (fhirServer = the gateway)."""
-    body = {"hook": "patient-view", "hookInstance": f"dev-launcher-{threading.get_ident()}",
+    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
             "fhirServer": ehr.iss,
             "fhirAuthorization": {"access_token": ehr.system_token, "token_type": "Bearer",
                                   "expires_in": 300, "scope": "patient/*.rs",
@@ -130,6 +138,10 @@ def _cards(ehr: Any, patient: str) -> list[dict[str, Any]]:
     service = next(s for s in runtime().knowledge.services if s.hook == "patient-view")
     answer = current_app.test_client().post(f"/cds-services/{service.id}", json=body)
     doc = answer.get_json(silent=True) or {}
+    if answer.status_code != 200:
+        issue = (doc.get("issue") or [{}])[0]
+        raise CardsError(f"patient-view answered HTTP {answer.status_code}: "
+                         f"{issue.get('diagnostics', '')}")
     cards = []
     for card in doc.get("cards") or []:
         smart_links = [link for link in card.get("links") or [] if link.get("type") == "smart"]
