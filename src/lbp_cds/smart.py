@@ -629,6 +629,10 @@ def _form_page(s: Session, status: int = 200, *, values: dict[str, Any] | None =
     draft = s.data.get("draft") or {}
     identifier = draft.get("identifier") or f"urn:uuid:{uuid.uuid4()}"
     restored = bool(s.data.pop("restored", False))
+    banner = intake.patient_banner(patient) if s.data.get("banner") else None
+    if banner != s.data.get("shown_banner"):
+        s.data["shown_banner"] = banner  # the fallback page keeps it when the record is down
+        save_session(s)
     if not draft or restored:
         s.data["draft"] = {**draft, "identifier": identifier}
         s.data["draft"].setdefault("values", {})
@@ -637,7 +641,7 @@ def _form_page(s: Session, status: int = 200, *, values: dict[str, Any] | None =
     return page("intake.html", status, items=items, values=shown, prefills=prefills,
                 errors=errors or {}, save_error=save_error, csrf=s.data["csrf"],
                 identifier=identifier, action=f"{_prefix()}/smart/s/{s.sid}/intake",
-                patient=intake.patient_banner(patient) if s.data.get("banner") else None,
+                patient=banner,
                 title="Back pain red-flag questions", unread=unread,
                 restored=restored, rule=s.data.get("rule"))
 
@@ -694,29 +698,24 @@ def intake_save(sid: str) -> Response:
                         headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON})
     except requests.RequestException as exc:
         return _save_failed(s, values, 503, "The EHR's FHIR server could not be reached "
-                            f"({type(exc).__name__}). Your answers are kept on this page. "
-                            "Try saving again.")
+                            f"({type(exc).__name__}). Try saving again in a moment.")
     except LaunchError as exc:
-        return _save_failed(s, values, exc.status, exc.message + " Your answers are kept on "
-                            "this page.")
+        return _save_failed(s, values, exc.status, exc.message)
     if resp.status_code in (200, 201):
         return _saved(s, values, _saved_id(resp), started, str(resp.status_code))
     detail = _diagnostics(resp)
     if resp.status_code == 401:
         return _save_failed(s, values, 401, "The EHR no longer accepts this sign-in (it has "
-                            "expired). Nothing was saved. Your answers are kept on this page "
-                            "and in this browser: open the app again from the EHR's card and "
-                            "they come back, then save.")
+                            "expired). Open the app again from the EHR's card, in this "
+                            "browser: your answers come back, then save.")
     if resp.status_code == 403:
         return _save_failed(s, values, 403, "The EHR refused to save answers for this patient "
-                            f"with this sign-in{detail}. Nothing was saved; your answers are "
-                            "kept on this page.")
+                            f"with this sign-in{detail}.")
     if resp.status_code in (400, 409, 412, 422):
         return _save_failed(s, values, 422, f"The EHR's FHIR server rejected the answers"
-                            f"{detail}. Nothing was saved; your answers are kept on this page.")
+                            f"{detail}.")
     return _save_failed(s, values, 502, f"The EHR's FHIR server could not save the answers "
-                        f"(HTTP {resp.status_code}){detail}. Nothing was saved yet; your "
-                        "answers are kept on this page. Try saving again.")
+                        f"(HTTP {resp.status_code}){detail}. Try saving again in a moment.")
 
 
 def _saved(s: Session, values: dict[str, Any], saved_id: str | None, started: float,
@@ -775,8 +774,9 @@ def _save_failed(s: Session, values: dict[str, Any], status: int, message: str) 
         return page("intake.html", status, items=items, values=values, prefills={},
                     errors={}, save_error=message, csrf=s.data["csrf"],
                     identifier=draft.get("identifier", ""),
-                    action=f"{_prefix()}/smart/s/{s.sid}/intake", patient=None,
-                    title="Back pain red-flag questions", unread=["Patient"], restored=False,
+                    action=f"{_prefix()}/smart/s/{s.sid}/intake",
+                    patient=s.data.get("shown_banner"), title="Back pain red-flag questions",
+                    unread=["the patient's record"], restored=False,
                     rule=s.data.get("rule"))
 
 
