@@ -30,6 +30,7 @@ import pytest
 import requests
 
 from lbp_cds.devehr import SmartEhr
+from tests.builders import condition, patient
 from tests.fhir_server import FhirServer
 from tests.service_server import CdsClientKeys, ServiceServer, start_service, stop_process_group
 
@@ -86,24 +87,12 @@ def new_patient(fhir: FhirServer, *, gender: str = "male", age: int = 45) -> str
     pid = f"smart-{uuid.uuid4().hex[:12]}"
     born = datetime.now(timezone.utc).date().replace(year=datetime.now().year - age, day=1)
     onset = (datetime.now(timezone.utc) - timedelta(days=10)).date().isoformat()
-    fhir.put({"resourceType": "Patient", "id": pid, "gender": gender,
-              "birthDate": born.isoformat(),
+    fhir.put({**patient(gender, born.isoformat(), pid),
               "name": [{"family": "Intake", "given": ["Test"]}]})
-    fhir.put({"resourceType": "Condition", "id": f"{pid}-sciatica",
-              "subject": {"reference": f"Patient/{pid}"},
-              "clinicalStatus": {"coding": [{
-                  "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
-                  "code": "active"}]},
-              "verificationStatus": {"coding": [{
-                  "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
-                  "code": "confirmed"}]},
-              "category": [{"coding": [{
-                  "system": "http://terminology.hl7.org/CodeSystem/condition-category",
-                  "code": "encounter-diagnosis"}]}],
-              "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm",
-                                   "code": "M54.41",
-                                   "display": "Lumbago with sciatica, right side"}]},
-              "onsetDateTime": onset, "recordedDate": onset})
+    sciatica = condition("M54.41", onset=onset, rid=f"{pid}-sciatica", recorded=onset,
+                         verification="confirmed",
+                         display="Lumbago with sciatica, right side")
+    fhir.put({**sciatica, "subject": {"reference": f"Patient/{pid}"}})
     return pid
 
 

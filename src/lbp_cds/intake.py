@@ -23,7 +23,7 @@ import yaml
 from fhir.resources.R4B.questionnaireresponse import QuestionnaireResponse
 from pydantic import ValidationError
 
-from lbp_cds import facts
+from lbp_cds import facts, knowledge
 from lbp_cds.errors import KnowledgeError
 from lbp_cds.fhir_data import record_from_resources
 from lbp_cds.knowledge import Knowledge
@@ -111,11 +111,7 @@ class Applies:
 
     def admits(self, sex: str | None, age: int | None) -> bool:
         """Tell whether the question can concern this patient."""
-        if self.sex and sex and sex != self.sex:
-            return False
-        if age is not None and self.min_age is not None and age < self.min_age:
-            return False
-        return not (age is not None and self.max_age is not None and age > self.max_age)
+        return knowledge.admits(self, sex, age)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -209,11 +209,29 @@ class Phrase:
 
     def applies(self, sex: str | None, age: float | None) -> bool:
         """Whether this can matter for the patient (unknown sex or age: it might)."""
-        if self.sex and sex and sex != self.sex:
-            return False
-        if age is not None and self.min_age is not None and age < self.min_age:
-            return False
-        return not (age is not None and self.max_age is not None and age > self.max_age)
+        return admits(self, sex, age)
+
+
+class Limits(Protocol):
+    """Sex and age limits: a card's phrase, an intake question."""
+
+    @property
+    def sex(self) -> str | None: ...
+
+    @property
+    def min_age(self) -> float | None: ...
+
+    @property
+    def max_age(self) -> float | None: ...
+
+
+def admits(limits: Limits, sex: str | None, age: float | None) -> bool:
+    """Whether a patient of this sex and age is within the limits (unknown: they may be)."""
+    if limits.sex and sex and sex != limits.sex:
+        return False
+    if age is not None and limits.min_age is not None and age < limits.min_age:
+        return False
+    return not (age is not None and limits.max_age is not None and age > limits.max_age)
 
 
 @dataclass(frozen=True)
