@@ -245,6 +245,10 @@ def test_expired_sign_in_keeps_the_answers_and_a_new_launch_restores_them(
     assert page.is_checked("#f-ces-saddle")
     shot(page, "06-sign-in-expired")
     assert stored_responses(fhir_server, pid) == []
+    # Reopening the form with the refused token says so (the record is not read with it).
+    response = page.goto(page.url)
+    assert response is not None and response.status == 401
+    assert "no longer accepts this sign-in" in page.locator("main").inner_text()
     # The clinician clicks the card's link again: a new launch, the same browser.
     page.goto(launch_url(ehr, link, pid))
     assert page.is_checked("#f-ces-saddle"), "the unsaved answer came back"
