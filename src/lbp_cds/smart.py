@@ -537,13 +537,13 @@ def _fhir_user(ehr: Ehr, s: Session, doc: dict[str, Any]) -> str | None:
 def _restore_draft(s: Session) -> None:
     """Answers an earlier session of this browser kept for the same patient and EHR (a save
     refused because the sign-in expired) come back into this one."""
-    for name, value in request.cookies.items():
-        prefix = cookie_name("")
+    prefix = cookie_name("")
+    for name in request.cookies:
         if not name.startswith(prefix) or name == s.cookie_name:
             continue
         old = load_session(name[len(prefix):])
-        if old is None or not old.data.get("draft"):
-            continue
+        if old is None or not (old.data.get("draft") or {}).get("values"):
+            continue  # nothing was answered there
         if old.data.get("iss") == s.data["iss"] and old.data.get("patient") == s.data["patient"]:
             s.data["draft"] = old.data["draft"]
             s.data["restored"] = True
