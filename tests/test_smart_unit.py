@@ -20,8 +20,8 @@ V2 = {"capabilities": ["launch-ehr", "permission-v2", "permission-v1"],
 def test_v2_scopes_by_default_and_v1_only_when_the_server_offers_only_v1():
     assert smart.scopes_for(V2, standalone=False).split() == [
         "launch", "openid", "fhirUser", "patient/Patient.rs", "patient/Condition.rs",
-        "patient/Observation.rs", "patient/QuestionnaireResponse.rs",
-        "patient/QuestionnaireResponse.cu"]
+        "patient/Observation.rs", "patient/MedicationRequest.rs", "patient/Procedure.rs",
+        "patient/QuestionnaireResponse.rs", "patient/QuestionnaireResponse.cu"]
     assert smart.scopes_for({}, standalone=False) == smart.scopes_for(V2, standalone=False)
     v1 = smart.scopes_for({"capabilities": ["launch-ehr", "permission-v1"]}, standalone=True)
     assert v1.split()[0] == "launch/patient"

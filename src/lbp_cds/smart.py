@@ -64,11 +64,14 @@ bp = Blueprint("smart", __name__, url_prefix="/smart", static_folder="static/sma
                static_url_path="/static")
 
 #: The scopes the app asks for (SMART v2), and their v1 forms for servers that offer only v1.
+#: MedicationRequest and Procedure only prefill (long-term steroids, a recent spinal injection):
+#: an EHR that does not grant them leaves those questions to be answered, and the page says so.
 SCOPES_V2 = ("openid", "fhirUser", "patient/Patient.rs", "patient/Condition.rs",
-             "patient/Observation.rs", "patient/QuestionnaireResponse.rs",
-             "patient/QuestionnaireResponse.cu")
+             "patient/Observation.rs", "patient/MedicationRequest.rs", "patient/Procedure.rs",
+             "patient/QuestionnaireResponse.rs", "patient/QuestionnaireResponse.cu")
 SCOPES_V1 = ("openid", "fhirUser", "patient/Patient.read", "patient/Condition.read",
-             "patient/Observation.read", "patient/QuestionnaireResponse.read",
+             "patient/Observation.read", "patient/MedicationRequest.read",
+             "patient/Procedure.read", "patient/QuestionnaireResponse.read",
              "patient/QuestionnaireResponse.write")
 #: Who may be a QuestionnaireResponse's author (R4).
 AUTHOR_TYPES = ("Practitioner/", "PractitionerRole/", "Patient/", "RelatedPerson/")
@@ -562,7 +565,8 @@ def _ready(sid: str) -> Session:
 
 
 def _read_record(s: Session) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
-    """Patient, Conditions, Observations and earlier intakes, with what could not be read.
+    """Patient, Conditions, Observations, medication orders, procedures and earlier intakes, with
+    what could not be read.
 
     Raises:
         LaunchError: the patient itself cannot be read (401 expired, 403 not covered, 404).
@@ -590,6 +594,8 @@ def _read_record(s: Session) -> tuple[dict[str, list[dict[str, Any]]], list[str]
     url = rt.knowledge.questionnaire_url
     urls = {"Condition": (f"Condition?patient={patient}", "Condition"),
             "Observation": (f"Observation?patient={patient}", "Observation"),
+            "MedicationRequest": (f"MedicationRequest?patient={patient}", "MedicationRequest"),
+            "Procedure": (f"Procedure?patient={patient}", "Procedure"),
             "QuestionnaireResponse": (f"QuestionnaireResponse?patient={patient}"
                                       f"&questionnaire={url}", "QuestionnaireResponse")}
     fetcher = rt.fetcher
