@@ -22,7 +22,7 @@ from lbp_cds.fixtures import read_scenario
 from lbp_cds.intake import Prefill
 from lbp_cds.knowledge import Knowledge
 from lbp_cds.rules import RuleEngine
-from tests.builders import condition, observation, patient, questionnaire_response
+from tests.builders import condition, medication, observation, patient, questionnaire_response
 from tests.conftest import NOW, ROOT
 
 CES = ["ces-bilateral", "ces-saddle", "ces-bladder", "ces-bowel", "ces-sexual"]
@@ -544,3 +544,13 @@ def test_intake_js_hides_what_does_not_apply_yet_and_focuses_the_summary(k, brow
                           ".getBoundingClientRect().width")
     assert width > 250
     assert page.evaluate("document.documentElement.scrollWidth") <= 320
+
+
+def test_long_term_steroids_on_record_prefill_the_steroid_question(k):
+    """Prednisone (RxNorm 8640) for 30 days with 3 repeats: 120 days, over the 90 the rules
+    count as long-term; a single 10-day course prefills nothing."""
+    long_course = medication("8640", authored="2026-01-02", supply_days=30, repeats=3)
+    found = intake.prefill(k, resources(long_course), now=NOW)
+    assert found["steroid-3mo"].value is True
+    short = medication("8640", authored="2026-02-20", supply_days=10)
+    assert "steroid-3mo" not in intake.prefill(k, resources(short), now=NOW)
