@@ -30,6 +30,7 @@ import pytest
 import requests
 
 from lbp_cds.devehr import SmartEhr
+from lbp_cds.probe import build_request, hook_context
 from tests.builders import condition, patient
 from tests.fhir_server import FhirServer
 from tests.service_server import CdsClientKeys, ServiceServer, start_service, stop_process_group
@@ -99,11 +100,9 @@ def new_patient(fhir: FhirServer, *, gender: str = "male", age: int = 45) -> str
 def patient_view(service: ServiceServer, keys: CdsClientKeys, ehr: SmartEhr, pid: str
                  ) -> list[dict[str, Any]]:
     """The EHR's patient-view call: the service fetches through the gateway with a token."""
-    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "fhirServer": ehr.iss,
-            "fhirAuthorization": {"access_token": ehr.system_token, "token_type": "Bearer",
-                                  "expires_in": 300, "scope": "patient/*.rs",
-                                  "subject": "lbp-cds"},
-            "context": {"userId": "Practitioner/smart-ehr-clinician", "patientId": pid}}
+    body = build_request("patient-view", hook_context(
+        "patient-view", pid, user_id="Practitioner/smart-ehr-clinician"),
+        fhir_server=ehr.iss, token=ehr.system_token)
     url = service.url("/cds-services/lbp-triage")
     resp = service.post("/cds-services/lbp-triage", json=body, headers={
         "Authorization": f"Bearer {keys.token(url)}"})
@@ -125,6 +124,19 @@ def launch_url(ehr: SmartEhr, link: dict[str, Any], pid: str) -> str:
     """What the EHR opens when the clinician clicks the link (CDS Hooks 2.0 + SMART)."""
     launch = ehr.new_launch(pid, app_context=link.get("appContext"))
     return f"{link['url']}?{urlencode({'iss': ehr.iss, 'launch': launch})}"
+
+
+def card_link_for_new_patient(service: ServiceServer, keys: CdsClientKeys, ehr: SmartEhr,
+                              fhir: FhirServer) -> tuple[str, dict[str, Any]]:
+    """A new patient with only a sciatica, and the smart link of the CC-1 card they get."""
+    pid = new_patient(fhir)
+    return pid, smart_link(patient_view(service, keys, ehr, pid), "CC-1")
+
+
+def save(page: Any) -> None:
+    """Press save; the saved page must follow."""
+    page.get_by_role("button", name="Save answers to the record").click()
+    page.wait_for_url(re.compile(r"/saved$"))
 
 
 def shot(page: Any, name: str) -> None:
@@ -175,8 +187,7 @@ def test_card_to_saved_answer_to_changed_card(service, keys, ehr, fhir_server, b
     page.check("#f-ces-saddle")
     page.check("#f-ces-bladder-false")
     shot(page, "02-saddle-numbness-yes")
-    page.get_by_role("button", name="Save answers to the record").click()
-    page.wait_for_url(re.compile(r"/saved$"))
+    save(page)
     TIMINGS["launch_to_saved_s"] = time.monotonic() - started
     shot(page, "03-saved")
     assert "Saved to the patient's record" in page.locator("main").inner_text()
@@ -205,8 +216,7 @@ def test_card_to_saved_answer_to_changed_card(service, keys, ehr, fhir_server, b
 
 def test_fhir_server_down_keeps_the_answers_and_the_retry_saves_once(
         service, keys, ehr, fhir_server, browser_page):
-    pid = new_patient(fhir_server)
-    link = smart_link(patient_view(service, keys, ehr, pid), "CC-1")
+    pid, link = card_link_for_new_patient(service, keys, ehr, fhir_server)
     page = browser_page
     page.goto(launch_url(ehr, link, pid))
     page.check("#f-ces-bilateral")
@@ -232,8 +242,7 @@ def test_fhir_server_down_keeps_the_answers_and_the_retry_saves_once(
 
 def test_expired_sign_in_keeps_the_answers_and_a_new_launch_restores_them(
         service, keys, ehr, fhir_server, browser_page):
-    pid = new_patient(fhir_server)
-    link = smart_link(patient_view(service, keys, ehr, pid), "CC-1")
+    pid, link = card_link_for_new_patient(service, keys, ehr, fhir_server)
     page = browser_page
     page.goto(launch_url(ehr, link, pid))
     page.check("#f-ces-saddle")
@@ -253,8 +262,7 @@ def test_expired_sign_in_keeps_the_answers_and_a_new_launch_restores_them(
     page.goto(launch_url(ehr, link, pid))
     assert page.is_checked("#f-ces-saddle"), "the unsaved answer came back"
     shot(page, "07-answers-restored-after-new-launch")
-    page.get_by_role("button", name="Save answers to the record").click()
-    page.wait_for_url(re.compile(r"/saved$"))
+    save(page)
     (qr,) = stored_responses(fhir_server, pid)
     assert {i["linkId"] for i in qr["item"]} >= {"ces-saddle"}
 
@@ -329,8 +337,7 @@ def test_standalone_patient_launch_from_a_portal(service, ehr, fhir_server, brow
         assert page.locator("#q-possibly-pregnant").count() == 1
         shot(page, "11-standalone-portal-launch")
         page.check("#f-fever-chills")
-        page.get_by_role("button", name="Save answers to the record").click()
-        page.wait_for_url(re.compile(r"/saved$"))
+        save(page)
     finally:
         ehr.portal_patient = None
     (qr,) = stored_responses(fhir_server, pid)
@@ -347,8 +354,7 @@ def test_a_smart_v1_server_gets_v1_scopes(service, keys, ehr_v1, fhir_server, br
     assert "patient/QuestionnaireResponse.write" in scopes
     assert not [s for s in scopes if s.endswith((".rs", ".cu"))]
     browser_page.check("#f-ces-saddle-false")
-    browser_page.get_by_role("button", name="Save answers to the record").click()
-    browser_page.wait_for_url(re.compile(r"/saved$"))
+    save(browser_page)
     assert len(stored_responses(fhir_server, pid)) == 1
 
 
@@ -356,8 +362,7 @@ def test_the_form_on_a_phone_by_keyboard_with_questions_that_open(
         service, keys, ehr, fhir_server, chromium_browser):
     """320 px wide, no horizontal scrolling; every field named; Tab and Space answer; the
     follow-up question appears only when a cauda equina answer is yes; no CSP violation."""
-    pid = new_patient(fhir_server)
-    link = smart_link(patient_view(service, keys, ehr, pid), "CC-1")
+    pid, link = card_link_for_new_patient(service, keys, ehr, fhir_server)
     context = chromium_browser.new_context(viewport={"width": 320, "height": 720},
                                            is_mobile=True, has_touch=True)
     try:
@@ -390,8 +395,7 @@ def test_the_form_on_a_phone_by_keyboard_with_questions_that_open(
         assert onset.is_visible(), "a yes opens the 'how many days ago' question"
         page.fill("#f-ces-onset-days", "2")
         shot(page, "13-phone-follow-up-open")
-        page.get_by_role("button", name="Save answers to the record").click()
-        page.wait_for_url(re.compile(r"/saved$"))
+        save(page)
         shot(page, "14-phone-saved")
         assert violations == []
     finally:
@@ -403,8 +407,7 @@ def test_the_form_on_a_phone_by_keyboard_with_questions_that_open(
 
 def test_a_wrong_answer_is_named_and_nothing_is_sent(service, keys, ehr, fhir_server,
                                                      browser_page):
-    pid = new_patient(fhir_server)
-    link = smart_link(patient_view(service, keys, ehr, pid), "CC-1")
+    pid, link = card_link_for_new_patient(service, keys, ehr, fhir_server)
     page = browser_page
     page.goto(launch_url(ehr, link, pid))
     page.check("#f-ces-saddle")
@@ -423,8 +426,7 @@ def test_a_wrong_answer_is_named_and_nothing_is_sent(service, keys, ehr, fhir_se
 
 def test_a_post_without_this_sessions_csrf_token_saves_nothing(service, keys, ehr, fhir_server,
                                                                browser_page):
-    pid = new_patient(fhir_server)
-    link = smart_link(patient_view(service, keys, ehr, pid), "CC-1")
+    pid, link = card_link_for_new_patient(service, keys, ehr, fhir_server)
     page = browser_page
     page.goto(launch_url(ehr, link, pid))
     page.evaluate("document.querySelector('input[name=csrf]').value = 'forged'")
@@ -472,8 +474,7 @@ def test_dev_launcher_plays_the_ehr_from_card_to_changed_card(
     page.get_by_role("button", name="Answer the missing red-flag questions").click()
     page.wait_for_url(re.compile(r"/intake$"))
     page.check("#f-ces-saddle")
-    page.get_by_role("button", name="Save answers to the record").click()
-    page.wait_for_url(re.compile(r"/saved$"))
+    save(page)
     page.goto(dev.url("/smart/dev?") + urlencode({"fhir": fhir_server.base_url,
                                                  "token": fhir_server.token or "",
                                                  "patient": pid}))
@@ -500,8 +501,7 @@ def test_the_ehr_refusing_the_app_is_said_plainly(service, ehr, browser_page):
 
 def test_the_record_unreachable_when_the_form_opens_then_back(service, keys, ehr, fhir_server,
                                                               browser_page):
-    pid = new_patient(fhir_server)
-    link = smart_link(patient_view(service, keys, ehr, pid), "CC-1")
+    pid, link = card_link_for_new_patient(service, keys, ehr, fhir_server)
     with ehr.backend_down():
         response = browser_page.goto(launch_url(ehr, link, pid))
         assert response is not None and response.status == 502

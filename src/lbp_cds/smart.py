@@ -33,7 +33,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import re
@@ -50,7 +49,7 @@ import requests
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flask import Blueprint, Response, abort, request
+from flask import Blueprint, Response, request
 from flask import redirect as _redirect
 
 from lbp_cds import egress, intake, pages
@@ -219,11 +218,10 @@ def find_ehr(iss: str) -> Ehr:
 
 
 def _is_loopback(url: str) -> bool:
+    """The URL names localhost or a loopback address (egress's kinds: ::ffff:127.0.0.1 too)."""
     host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or egress.address_kind(host) == "loopback"
     except ValueError:
         return False
 
@@ -384,10 +382,22 @@ def error_page(message: str, status: int, title: str = "The intake app could not
 
 @bp.after_request
 def _headers(response: Response) -> Response:
+    return security_headers(response)
+
+
+def security_headers(response: Response, form_action: str = "'self'") -> Response:
+    """The app's pages' headers: a strict CSP (no inline script or style), no Referer, no cache.
+
+    Args:
+        response: the page.
+        form_action: where the page's forms may go, redirects included (Chromium applies
+            ``form-action`` to them): the dev launcher's end at its stand-in EHR's port.
+    """
     ancestors = runtime().settings.smart_frame_ancestors.strip() or "'none'"
     response.headers["Content-Security-Policy"] = (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        f"connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors {ancestors}")
+        f"connect-src 'self'; form-action {form_action}; base-uri 'none'; "
+        f"frame-ancestors {ancestors}")
     response.headers["X-Content-Type-Options"] = "nosniff"
     # The callback URL carries the authorization code: no page of the app passes a Referer on.
     response.headers["Referrer-Policy"] = "no-referrer"
@@ -415,11 +425,10 @@ def launch() -> Response:
     state = f"{s.sid}.{secrets.token_urlsafe(24)}"
     standalone = not launch_id
     scope = scopes_for(config, standalone)
-    s.data = {"stage": "authorizing", "iss": ehr.iss, "client_id": ehr.client_id,
-              "kinds": sorted(ehr.kinds), "state": state, "verifier": verifier,
+    s.data = {"stage": "authorizing", "iss": ehr.iss, "state": state, "verifier": verifier,
               "token_endpoint": config["token_endpoint"], "jwks_uri": config.get("jwks_uri"),
               "issuer": config.get("issuer"), "standalone": standalone,
-              "redirect_uri": redirect_uri(), "started": time.time()}
+              "redirect_uri": redirect_uri()}
     save_session(s)
     params = {"response_type": "code", "client_id": ehr.client_id,
               "redirect_uri": s.data["redirect_uri"], "scope": scope, "state": state,
@@ -433,7 +442,8 @@ def launch() -> Response:
 
 
 def _ehr_of(s: Session) -> Ehr:
-    return Ehr(s.data["iss"], s.data["client_id"], frozenset(s.data.get("kinds", ())))
+    """The session's EHR, from the allowlist as it is now (an EHR taken off it stops here)."""
+    return find_ehr(s.data["iss"])
 
 
 @bp.get("/callback")
@@ -624,22 +634,30 @@ def _subject(resource: dict[str, Any]) -> str | None:
 
 
 def _form_page(s: Session, status: int = 200, *, values: dict[str, Any] | None = None,
-               errors: dict[str, str] | None = None, save_error: str | None = None
-               ) -> Response:
+               errors: dict[str, str] | None = None, save_error: str | None = None,
+               record_required: bool = True) -> Response:
+    """The form. With ``record_required`` false (a failed save), a record that cannot be read
+    again leaves the form without prefill or sex and age, so the posted answers stay on it."""
     rt = runtime()
-    record, unread = _read_record(s)
+    try:
+        record, unread = _read_record(s)
+    except LaunchError:
+        if record_required:
+            raise
+        record, unread = {}, ["the patient's record"]
     patient = next(iter(record.get("Patient") or ()), None)
     sex, age = intake.sex_and_age(patient, rt.clock())
     items = intake.form_items(rt.knowledge, sex=sex, age=age, first_rule=s.data.get("rule"))
-    prefills = intake.prefill(rt.knowledge, record, now=rt.clock())
+    prefills = intake.prefill(rt.knowledge, record, now=rt.clock()) if record else {}
     draft = s.data.get("draft") or {}
     identifier = draft.get("identifier") or f"urn:uuid:{uuid.uuid4()}"
     restored = bool(s.data.pop("restored", False))
-    banner = intake.patient_banner(patient) if s.data.get("banner") else None
-    if banner != s.data.get("shown_banner"):
-        s.data["shown_banner"] = banner  # the fallback page keeps it when the record is down
-        save_session(s)
-    if not draft or restored:
+    if patient is None:
+        banner = s.data.get("shown_banner")  # kept from when the record could be read
+    else:
+        banner = intake.patient_banner(patient) if s.data.get("banner") else None
+    if banner != s.data.get("shown_banner") or not draft or restored:
+        s.data["shown_banner"] = banner
         s.data["draft"] = {**draft, "identifier": identifier}
         s.data["draft"].setdefault("values", {})
         save_session(s)
@@ -673,9 +691,9 @@ def intake_save(sid: str) -> Response:
     draft = s.data.get("draft") or {}
     if not IDENTIFIER.match(identifier):
         identifier = draft.get("identifier") or f"urn:uuid:{uuid.uuid4()}"
-    kept = {**{k: v[0] if len(v) == 1 else v for k, v in form.items()
-               if k not in ("csrf", "identifier")}}
-    s.data["draft"] = {"identifier": identifier, "values": _jsonable(values), "raw": kept,
+    kept = {k: v[0] if len(v) == 1 else v for k, v in form.items()
+            if k not in ("csrf", "identifier")}
+    s.data["draft"] = {"identifier": identifier, "values": _jsonable(values),
                        "attempted": bool(draft.get("attempted"))}
     save_session(s)  # kept before anything is sent: nothing typed is lost from here on
     if errors:
@@ -768,22 +786,7 @@ def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
 
 def _save_failed(s: Session, values: dict[str, Any], status: int, message: str) -> Response:
     log.warning("intake not saved", extra={"sid": s.sid, "status": status})
-    try:
-        return _form_page(s, status, values=values, save_error=message)
-    except LaunchError:
-        # The record cannot be read again either (expired sign-in, server down): the form is
-        # shown from what was posted, without prefill, so the answers stay on the page.
-        rt = runtime()
-        items = intake.form_items(rt.knowledge, sex=None, age=None,
-                                  first_rule=s.data.get("rule"))
-        draft = s.data.get("draft") or {}
-        return page("intake.html", status, items=items, values=values, prefills={},
-                    errors={}, save_error=message, csrf=s.data["csrf"],
-                    identifier=draft.get("identifier", ""),
-                    action=f"{_prefix()}/smart/s/{s.sid}/intake",
-                    patient=s.data.get("shown_banner"), title="Back pain red-flag questions",
-                    unread=["the patient's record"], restored=False,
-                    rule=s.data.get("rule"))
+    return _form_page(s, status, values=values, save_error=message, record_required=False)
 
 
 def _saved_id(resp: requests.Response) -> str | None:
@@ -823,7 +826,3 @@ def saved(sid: str) -> Response:
     return page("saved.html", title="Answers saved to the record", saved=info,
                 yes=[texts.get(k, k) for k in info.get("yes", [])])
 
-
-def abort_unless_dev() -> None:
-    if not runtime().settings.dev:
-        abort(404)

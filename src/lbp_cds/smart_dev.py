@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -21,8 +20,9 @@ from urllib.parse import urlencode
 import requests
 from flask import Blueprint, Response, current_app, request
 
-from lbp_cds import pages
+from lbp_cds import smart
 from lbp_cds.api import runtime
+from lbp_cds.probe import build_request, hook_context
 from lbp_cds.smart import _is_loopback, redirect, redirect_uri
 
 log = logging.getLogger(__name__)
@@ -59,17 +59,10 @@ def ehr_for(fhir: str, token: str) -> Any:
 
 
 def _page(status: int = 200, **context: Any) -> Response:
-    context.setdefault("static", f"{request.script_root.rstrip('/')}/smart/static")
-    context.setdefault("patient", None)
-    html = pages.render("smart/dev.html", title="Dev launcher: the intake app as an EHR "
-                        "launches it", **context)
-    response = Response(html, status, content_type="text/html; charset=utf-8")
-    # The launch form's redirects end at the stand-in EHR's own loopback port.
-    response.headers["Content-Security-Policy"] = (
-        "default-src 'none'; script-src 'self'; style-src 'self'; form-action 'self' "
-        "http://127.0.0.1:*; base-uri 'none'; frame-ancestors 'none'")
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    """The launcher page; its forms end, through /smart/launch, at the stand-in EHR's port."""
+    response = smart.page("dev.html", status, title="Dev launcher: the intake app as an EHR "
+                          "launches it", **context)
+    return smart.security_headers(response, form_action="'self' http://127.0.0.1:*")
 
 
 @bp.get("")
@@ -129,12 +122,8 @@ class CardsError(Exception):
 
 def _cards(ehr: Any, patient: str) -> list[dict[str, Any]]:
     """patient-view for ``patient``, as the EHR would call it (fhirServer = the gateway)."""
-    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
-            "fhirServer": ehr.iss,
-            "fhirAuthorization": {"access_token": ehr.system_token, "token_type": "Bearer",
-                                  "expires_in": 300, "scope": "patient/*.rs",
-                                  "subject": "lbp-cds-dev-launcher"},
-            "context": {"userId": "Practitioner/dev", "patientId": patient}}
+    body = build_request("patient-view", hook_context("patient-view", patient),
+                         fhir_server=ehr.iss, token=ehr.system_token)
     service = next(s for s in runtime().knowledge.services if s.hook == "patient-view")
     answer = current_app.test_client().post(f"/cds-services/{service.id}", json=body)
     doc = answer.get_json(silent=True) or {}
